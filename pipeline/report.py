@@ -1,0 +1,62 @@
+"""Human-readable summaries of a run: the end-of-run table and ``inspect``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.shards import Manifest
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_is_num(r[i]) for r in cells[1:]) and bool(rows) for i in range(len(headers))]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(cells[0]), rule, *(fmt(r) for r in cells[1:])])
+
+
+def _is_num(text: str) -> bool:
+    return text.replace(",", "").replace(".", "").isdigit()
+
+
+def _top(reasons: dict[str, int], n: int = 3) -> str:
+    top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    more = len(reasons) - len(top)
+    return ", ".join(f"{r} {c:,}" for r, c in top) + (f", +{more} more" if more > 0 else "")
+
+
+def stats_table(stats: dict[str, Any]) -> str:
+    rows = []
+    for stage, sources in stats["stages"].items():
+        for source, e in sources.items():
+            dropped, errored = sum(e["dropped"].values()), sum(e["errored"].values())
+            reasons = _top({**e["dropped"], **{f"ERR {k}": v for k, v in e["errored"].items()}})
+            rows.append([stage, source, e["kind"], f"{e['in']:,}", f"{e['kept']:,}", f"{dropped:,}",
+                         f"{errored:,}", f"{e['bytes_kept'] / 1e6:.1f}", f"{e['seconds']:.1f}", reasons])
+    return _table(["stage", "source", "kind", "in", "kept", "dropped", "errored", "MB kept", "sec", "top reasons"],
+                  rows)
+
+
+def manifest_table(manifest: Manifest) -> str:
+    rows = [[src, t["kind"], f"{t['rows']:,}", f"{t['tokens']:,}"] for src, t in manifest.totals.items()]
+    rows.append(["total", "", f"{manifest.total_rows:,}", f"{manifest.total_tokens:,}"])
+    return _table(["source", "kind", "documents", "tokens"], rows)
+
+
+def run_summary(run_dir: Path, stats: dict[str, Any], manifest: Manifest, seconds: float | None = None) -> str:
+    tok = manifest.tokenizer
+    lines = [stats_table(stats), "", manifest_table(manifest), ""]
+    lines.append(f"accounting: {'OK (in = kept + dropped + errored at every stage)' if stats['invariant_ok'] else 'VIOLATED'}")
+    lines.append(f"tokenizer: {tok['path']} (vocab {tok['vocab_size']:,}, eos {tok['eos_token']!r}={tok['eos_id']}, "
+                 f"fingerprint {tok['fingerprint']})")
+    lines.append(f"shards: {len(manifest.shards)} file(s), {sum(s.bytes for s in manifest.shards) / 1e6:.1f} MB in "
+                 f"{run_dir / 'shards'}")
+    lines.append(f"manifest: {run_dir / 'manifest.json'}   stats: {run_dir / 'stats.json'}")
+    if seconds is not None:
+        lines.append(f"wall time: {seconds:.1f}s")
+    return "\n".join(lines)

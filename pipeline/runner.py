@@ -1,0 +1,255 @@
+"""Run the pipeline on Ray: plan units, map each stage over them, resume, account, publish.
+
+Why Ray tasks (not Ray Data): the unit is our unit of atomic output, of completion markers and of resume.
+A task per (stage, unit) maps onto that one-to-one, so a rerun after a crash skips exactly the finished
+units and a retried task rewrites exactly its own files. Ray Data's streaming blocks would give finer
+parallelism but no stable, resumable output naming. Heavy per-worker state (fastText models,
+tokenizers) is cached in the worker process, which Ray reuses across tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.atomic import read_json, write_json
+from pipeline.config import PipelineConfig
+from pipeline.ledger import Ledger
+from pipeline.shards import SHARD_DIR, Manifest, ShardInfo, build_totals
+from pipeline.sources import plan_fingerprint, plan_units
+from pipeline.sources.base import READ_STAGE, Unit
+from pipeline.stages.base import MapStage
+from pipeline.stages.crawl_filter import CrawlFilterStage
+from pipeline.stages.tokenize import TokenizeStage
+from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer
+
+log = logging.getLogger("pipeline")
+STAGE_ORDER = [READ_STAGE, "crawl_filter", "tokenize"]
+
+
+class RunError(RuntimeError):
+    """The run cannot continue; the message says why and what to do."""
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    stats: dict[str, Any]
+    manifest: Manifest
+    seconds: float
+    units: int
+    resumed_units: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+def _execute_unit(stage: MapStage, unit: Unit, run_dir: str) -> dict[str, Any]:
+    """The body of one Ray task: process the unit, then write its completion marker."""
+    result = stage.run_unit(unit, Path(run_dir))
+    result["unit"] = unit.id
+    write_json(stage.marker_path(Path(run_dir), unit), result)
+    return result
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True,
+                              "logging_level": logging.WARNING}
+    if address:
+        in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
+        if not in_job:
+            # A client outside `ray job submit`: ship this package to the workers.
+            kwargs["runtime_env"]["py_modules"] = [str(Path(__file__).resolve().parent)]
+        ray.init(address=address, **kwargs)
+    else:
+        dashboard = os.environ.get("JAMBA_RAY_DASHBOARD", "1") != "0"
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 **kwargs)
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------- run
+class PipelineRun:
+    def __init__(self, config: PipelineConfig, run_dir: Path, ray_address: str | None = None,
+                 progress: bool = True):
+        self.config = config
+        self.run_dir = Path(run_dir).resolve()
+        self.ray_address = ray_address or config.run.ray_address
+        self.progress = progress and sys.stderr.isatty() or os.environ.get("JAMBA_PROGRESS") == "1"
+        self.units: list[Unit] = []
+
+    # ----------------------------------------------------------------- setup
+    def _claim_run_dir(self) -> None:
+        """One config per run directory: a rerun resumes; a different config is refused."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_info = self.run_dir / "run.json"
+        fingerprint, plan = self.config.fingerprint(), plan_fingerprint(self.units)
+        if run_info.exists():
+            previous = read_json(run_info)
+            if previous.get("config_fingerprint") != fingerprint:
+                raise RunError(
+                    f"{self.run_dir} holds a run of a different configuration "
+                    f"({previous.get('config_fingerprint')} != {fingerprint}); use a new --output directory")
+            if previous.get("plan_fingerprint") != plan:
+                raise RunError(
+                    f"the input files changed since {self.run_dir} was started (plan {previous.get('plan_fingerprint')}"
+                    f" != {plan}); use a new --output directory")
+        else:
+            write_json(run_info, {"config_fingerprint": fingerprint, "plan_fingerprint": plan,
+                                  "units": len(self.units)})
+        resolved = self.config.model_dump(mode="json")
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        # Leftovers of a killed run: temporary files are never part of a result.
+        for tmp in self.run_dir.rglob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(f"another pipeline run is using {self.run_dir}") from None
+            yield
+
+    def _setup_logging(self) -> logging.Handler:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.run_dir / "logs" / "pipeline.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        return handler
+
+    # ----------------------------------------------------------------- stages
+    def map_stage(self, stage: MapStage) -> dict[str, dict[str, Any]]:
+        """Run ``stage`` over every unit without a completion marker; return all units' results."""
+        import ray
+        from tqdm import tqdm
+
+        results: dict[str, dict[str, Any]] = {}
+        todo: list[Unit] = []
+        for unit in self.units:
+            marker = stage.marker_path(self.run_dir, unit)
+            if marker.exists():
+                results[unit.id] = read_json(marker)
+            else:
+                todo.append(unit)
+        self.resumed[stage.name] = len(results)
+        log.info("stage %s: %d units to run, %d already complete", stage.name, len(todo), len(results))
+        if not todo:
+            return results
+        remote = ray.remote(_execute_unit).options(
+            num_cpus=1, max_retries=self.config.run.max_task_retries, retry_exceptions=False)
+        stage_ref = ray.put(stage)
+        cpus = int(ray.available_resources().get("CPU", 1)) or 1
+        max_in_flight = self.config.run.max_in_flight or max(2, 4 * cpus)
+        failures: dict[str, str] = {}
+        pending: dict[Any, Unit] = {}
+        queue = list(reversed(todo))
+        bar = tqdm(total=len(self.units), initial=len(results), desc=f"{stage.name:>12}", unit="unit",
+                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        run_dir = str(self.run_dir)
+        with bar:
+            while queue or pending:
+                while queue and len(pending) < max_in_flight:
+                    unit = queue.pop()
+                    pending[remote.remote(stage_ref, unit, run_dir)] = unit
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    unit = pending.pop(ref)
+                    try:
+                        results[unit.id] = ray.get(ref)
+                    except Exception as exc:  # a unit-level failure is a bug or a lost node: report, go on
+                        failures[unit.id] = _short_error(exc)
+                        log.error("stage %s unit %s failed: %s", stage.name, unit.id, exc)
+                    bar.update(1)
+        if failures:
+            listing = "; ".join(f"{u}: {e}" for u, e in sorted(failures.items())[:5])
+            raise RunError(f"stage {stage.name}: {len(failures)} unit(s) failed ({listing}). Completed units "
+                           f"are kept; rerun the same command to retry only the failed ones.")
+        return results
+
+    def run(self) -> RunReport:
+        started = time.perf_counter()
+        self.units = plan_units(self.config)
+        self.resumed: dict[str, int] = {}
+        with self._lock():
+            handler = self._setup_logging()
+            try:
+                self._claim_run_dir()
+                log.info("run %s: %d sources, %d units", self.run_dir, len(self.config.sources), len(self.units))
+                init_ray(self.ray_address, self.config.run.num_cpus)
+                crawl = CrawlFilterStage(self.config)
+                crawl_results = self.map_stage(crawl)
+                tok_cfg = self.config.tokenize
+                tokenizer = prepare_tokenizer(
+                    self.run_dir, tok_cfg.tokenizer, tok_cfg.eos_token, tok_cfg.train.vocab_size,
+                    tok_cfg.train.min_frequency, int(tok_cfg.train.sample_mb * 1024 * 1024),
+                    [crawl.output_path(self.run_dir, u) for u in self.units])
+                tokenize = TokenizeStage(crawl, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size)
+                tok_results = self.map_stage(tokenize)
+                report = self._publish(crawl_results, tok_results, tokenizer, time.perf_counter() - started)
+            finally:
+                log.removeHandler(handler)
+                handler.close()
+        return report
+
+    # ----------------------------------------------------------------- outputs
+    def _publish(self, crawl_results: dict, tok_results: dict, tokenizer: TokenizerInfo, seconds: float) -> RunReport:
+        ledger = Ledger()
+        for results in (crawl_results, tok_results):
+            for unit in self.units:
+                ledger.merge(Ledger.from_json(results[unit.id]["ledger"]))
+        stats = ledger.stats(STAGE_ORDER)
+        shards = [ShardInfo(**s) for unit in self.units for s in tok_results[unit.id]["shards"]]
+        kinds = {s.name: s.kind for s in self.config.sources}
+        manifest = Manifest(format_version=1, config_fingerprint=self.config.fingerprint(),
+                            tokenizer=tokenizer.to_json(), shards=shards, totals=build_totals(shards, kinds))
+        for source in self.config.sources:
+            manifest.totals.setdefault(source.name, {"kind": source.kind, "rows": 0, "tokens": 0})
+        stats["units"] = len(self.units)
+        stats["resumed_units"] = self.resumed
+        stats["tokens"] = manifest.total_tokens
+        write_json(self.run_dir / "stats.json", stats)
+        manifest.save(self.run_dir)
+        listed = {Path(s.path).name for s in shards}
+        for stray in (self.run_dir / SHARD_DIR).glob("*.arrow"):
+            if stray.name not in listed:  # a shard of an older, different run layout can't be valid here
+                stray.unlink()
+        if not stats["invariant_ok"]:
+            raise RunError("accounting invariant violated: " + "; ".join(stats["violations"][:5]))
+        log.info("run complete: %d shards, %d tokens", len(shards), manifest.total_tokens)
+        return RunReport(self.run_dir, stats, manifest, seconds, len(self.units), self.resumed)
+
+
+def _short_error(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
+    return text[-1][:300] if text else type(exc).__name__
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)

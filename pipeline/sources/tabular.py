@@ -1,0 +1,111 @@
+"""Generic inputs: JSONL (optionally gzip) and Parquet with a configurable text field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow.parquet as pq
+from datatrove.data import Document
+
+from pipeline.document import make_document
+from pipeline.ledger import Ledger
+from pipeline.sources.base import GZIP_ERRORS, InputFile, Reader, open_binary
+from pipeline.sources.code import language_of
+
+
+class _TabularReader(Reader):
+    def _document(self, record: dict, file: InputFile, row: str, ledger: Ledger) -> Document | None:
+        text = record.get(self.source.text_field)
+        if text is None:
+            self.dropped(ledger, "missing_text_field")
+            return None
+        if not isinstance(text, str):
+            self.dropped(ledger, "text_not_a_string")
+            return None
+        if not text.strip():
+            self.dropped(ledger, "empty_text")
+            return None
+        nbytes = len(text.encode("utf-8", "surrogatepass"))
+        if nbytes > self.max_bytes:
+            self.dropped(ledger, "too_large", nbytes)
+            return None
+        locator = f"{file.rel}#{row}"
+        if self.source.id_field and record.get(self.source.id_field) is not None:
+            locator = f"id:{record[self.source.id_field]}"
+        meta = {k: v for k, v in record.items() if k != self.source.text_field and _scalar(v)}
+        if self.source.path_field and isinstance(record.get(self.source.path_field), str):
+            meta.setdefault("path", record[self.source.path_field])
+            meta.setdefault("language", language_of(record[self.source.path_field]))
+        self.kept(ledger, nbytes)
+        return make_document(text, self.source.name, self.source.kind, locator, **meta)
+
+
+def _scalar(value: object) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+class JsonlReader(_TabularReader):
+    def read(self, file: InputFile, ledger: Ledger) -> Iterator[Document]:
+        if file.size == 0:
+            self.took(ledger)
+            self.dropped(ledger, "empty_file")
+            return
+        limit = self.max_bytes
+        lineno = 0
+        try:
+            with open_binary(file.url) as fh:
+                while True:
+                    line = fh.readline(limit + 1)
+                    if not line:
+                        return
+                    lineno += 1
+                    if len(line) > limit and not line.endswith(b"\n"):
+                        # A giant line: skip the rest of it without ever holding it in memory.
+                        skipped = len(line)
+                        while line and not line.endswith(b"\n"):
+                            line = fh.readline(1 << 20)
+                            skipped += len(line)
+                        self.took(ledger, 1, skipped)
+                        self.dropped(ledger, "record_too_large", skipped)
+                        continue
+                    if not line.strip():
+                        continue  # blank separator lines are not records
+                    self.took(ledger, 1, len(line))
+                    try:
+                        record = json.loads(line)
+                    except (UnicodeDecodeError, ValueError):
+                        self.errored(ledger, "invalid_json", len(line))
+                        continue
+                    if not isinstance(record, dict):
+                        self.errored(ledger, "record_not_an_object", len(line))
+                        continue
+                    doc = self._document(record, file, f"L{lineno}", ledger)
+                    if doc is not None:
+                        yield doc
+        except GZIP_ERRORS:
+            self.took(ledger)
+            self.errored(ledger, "truncated_gzip")
+
+
+class ParquetReader(_TabularReader):
+    def read(self, file: InputFile, ledger: Ledger) -> Iterator[Document]:
+        try:
+            with fsspec.open(file.url, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                if self.source.text_field not in pf.schema_arrow.names:
+                    self.took(ledger)
+                    self.errored(ledger, "missing_text_column")
+                    return
+                row = 0
+                for batch in pf.iter_batches(batch_size=1024):
+                    for record in batch.to_pylist():
+                        self.took(ledger)
+                        doc = self._document(record, file, f"R{row}", ledger)
+                        row += 1
+                        if doc is not None:
+                            yield doc
+        except (OSError, ValueError) as exc:
+            self.took(ledger)
+            self.errored(ledger, f"corrupt_parquet:{type(exc).__name__}")

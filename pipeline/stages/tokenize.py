@@ -1,0 +1,61 @@
+"""Final stage: tokenize kept documents (HF tokenizers, batched) into Arrow IPC shards, EOS appended."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.ledger import Ledger
+from pipeline.shards import ShardWriter
+from pipeline.sources.base import Unit
+from pipeline.stages.base import MapStage, worker_cached
+from pipeline.tokenizer import TokenizerInfo, load_tokenizer
+
+STAGE = "tokenize"
+
+
+class TokenizeStage(MapStage):
+    name = STAGE
+
+    def __init__(self, input_stage: MapStage, tokenizer: TokenizerInfo, shard_target_mb: float, batch_size: int):
+        self.input_stage = input_stage
+        self.tokenizer = tokenizer
+        self.target_bytes = int(shard_target_mb * 1024 * 1024)
+        self.batch_size = batch_size
+
+    def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:
+        tokenizer = worker_cached((STAGE, self.tokenizer.fingerprint),
+                                  lambda: load_tokenizer(run_dir / self.tokenizer.path))
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        ledger = Ledger()
+        started = time.perf_counter()
+        writer = ShardWriter(run_dir, unit.id, self.tokenizer.vocab_size, self.tokenizer.eos_id,
+                             self.tokenizer.fingerprint, self.target_bytes)
+        dtype = writer.dtype
+        eos = np.array([self.tokenizer.eos_id], dtype=dtype)
+        source_in = self.input_stage.output_path(run_dir, unit)
+        try:
+            pf = pq.ParquetFile(source_in)
+            for batch in pf.iter_batches(batch_size=self.batch_size, columns=["id", "source", "source_kind", "text"]):
+                ids = batch.column("id").to_pylist()
+                sources = batch.column("source").to_pylist()
+                kinds = batch.column("source_kind").to_pylist()
+                texts = batch.column("text").to_pylist()
+                encodings = encode(texts, add_special_tokens=False)
+                for doc_id, source, kind, text, enc in zip(ids, sources, kinds, texts, encodings):
+                    nbytes = len(text.encode("utf-8", "surrogatepass"))
+                    ledger.took(STAGE, source, kind, 1, nbytes)
+                    tokens = np.concatenate([np.asarray(enc.ids, dtype=dtype), eos])
+                    writer.add(doc_id, source, kind, tokens)
+                    ledger.kept(STAGE, source, kind, 1, nbytes)
+            shards = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        ledger.add_seconds(STAGE, unit.source, time.perf_counter() - started)
+        return {"ledger": ledger.to_json(), "shards": [asdict(s) for s in shards]}
