@@ -29,9 +29,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         raise
 
 
-def write_json(path: Path | str, data: Any) -> None:
+def write_json(path: Path | str, data: Any, sort_keys: bool = True) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")
 
 
 def read_json(path: Path | str) -> Any:

@@ -234,7 +234,7 @@ class PipelineRun:
         stats["units"] = len(self.units)
         stats["resumed_units"] = self.resumed
         stats["tokens"] = manifest.total_tokens
-        write_json(self.run_dir / "stats.json", stats)
+        write_json(self.run_dir / "stats.json", stats, sort_keys=False)  # stages in pipeline order
         manifest.save(self.run_dir)
         listed = {Path(s.path).name for s in shards}
         for stray in (self.run_dir / SHARD_DIR).glob("*.arrow"):

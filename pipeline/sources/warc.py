@@ -35,6 +35,19 @@ def decode_html(body: bytes, charset: str) -> str:
         return body.decode("utf-8", errors="replace")
 
 
+class _CheckedArchiveIterator(ArchiveIterator):
+    """warcio treats a gzip stream that ends mid-member as a clean end of file; remember whether the last
+    member was complete so a truncated download is reported instead of silently shortening the crawl."""
+
+    truncated = False
+
+    def close(self):
+        reader = getattr(self, "reader", None)
+        if reader is not None and reader.decompressor is not None:
+            self.truncated = not getattr(reader.decompressor, "eof", True)
+        super().close()
+
+
 class WarcReader(Reader):
     def __init__(self, source):
         super().__init__(source)
@@ -50,12 +63,15 @@ class WarcReader(Reader):
             self.dropped(ledger, "empty_file")
             return
         with fsspec.open(file.url, "rb") as raw:
-            records = ArchiveIterator(raw, arc2warc=True)
+            records = _CheckedArchiveIterator(raw, arc2warc=True)
             index = -1
             while True:
                 try:
                     record = next(records)
                 except StopIteration:
+                    if records.truncated:
+                        self.took(ledger)
+                        self.errored(ledger, "truncated_gzip")
                     return
                 except GZIP_ERRORS:
                     self.took(ledger)
