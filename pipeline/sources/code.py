@@ -107,7 +107,7 @@ class CodeReader(Reader):
             self.errored(ledger, "truncated_gzip")
         except (tarfile.TarError, zipfile.BadZipFile, OSError) as exc:
             self.took(ledger)
-            self.errored(ledger, f"corrupt_archive:{type(exc).__name__}")
+            self.errored(ledger, _archive_error(exc))
 
     def _tar(self, raw, file: InputFile, repo: str, ledger: Ledger) -> Iterator[Document]:
         with tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -120,8 +120,16 @@ class CodeReader(Reader):
                 if reason or member.size > self.max_bytes:
                     self.dropped(ledger, reason or "too_large", member.size)
                     continue
-                fh = tar.extractfile(member)
-                doc = self._member(read_capped(fh, self.max_bytes) if fh else b"", rel, repo, ledger)
+                try:
+                    fh = tar.extractfile(member)
+                    data = read_capped(fh, self.max_bytes) if fh else b""
+                except GZIP_ERRORS:  # the archive ends inside this member: it is the one lost
+                    self.errored(ledger, "truncated_gzip")
+                    return
+                except (tarfile.TarError, OSError) as exc:
+                    self.errored(ledger, _archive_error(exc))
+                    return
+                doc = self._member(data, rel, repo, ledger)
                 if doc is not None:
                     yield doc
 
@@ -146,3 +154,9 @@ class CodeReader(Reader):
                 if doc is not None:
                     yield doc
 
+
+
+def _archive_error(exc: BaseException) -> str:
+    if "unexpected end of data" in str(exc):
+        return "truncated_archive"
+    return f"corrupt_archive:{type(exc).__name__}"

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import fsspec
 from datatrove.data import Document
+from trafilatura.deduplication import LRU_TEST as _TRAFILATURA_SEEN  # noqa: E402
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
@@ -128,6 +129,10 @@ class WarcReader(Reader):
             return None
         charset = sniff_charset(content_type, body)
         html = decode_html(body, charset)
+        # trafilatura's `deduplicate` remembers text segments across calls in a process-wide cache, which
+        # makes a page's text depend on which pages the worker saw before it. Clearing it per page keeps
+        # the in-page deduplication and makes extraction a pure function of the page (resume-safe).
+        _TRAFILATURA_SEEN.clear()
         try:
             text = self.extractor.extract(html) or ""
         except Exception as exc:  # trafilatura/lxml raise many types on hostile HTML
