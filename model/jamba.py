@@ -1,0 +1,148 @@
+"""The Jamba language model: embeddings -> Jamba layers -> final RMSNorm -> LM head. No positional encoding.
+
+Each layer is pre-norm: ``h = h + mixer(norm(h)); h = h + ffn(norm(h))`` where the mixer is attention or
+Mamba and the ffn is a dense MLP or an MoE, as ``JambaConfig`` lays them out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.cache import HybridCache
+from model.config import JambaConfig
+from model.layers.attention import Attention
+from model.layers.feedforward import MLP, MoE, load_balancing_loss, router_z_loss
+from model.layers.mamba import MambaMixer
+from model.layers.norm import RMSNorm
+
+
+@dataclass
+class JambaOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None          # LM loss (+ aux and z terms when requested)
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_logits: list[torch.Tensor] = field(default_factory=list)
+    expert_counts: list[torch.Tensor] = field(default_factory=list)
+
+
+class JambaLayer(nn.Module):
+    def __init__(self, cfg: JambaConfig, index: int):
+        super().__init__()
+        self.kind = "attention" if cfg.is_attention(index) else "mamba"
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        if self.kind == "attention":
+            self.self_attn = Attention(cfg)
+        else:
+            self.mamba = MambaMixer(cfg)
+        self.pre_ff_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.feed_forward = MoE(cfg) if cfg.is_moe(index) else MLP(cfg)
+
+    def forward(self, h: torch.Tensor, segment: torch.Tensor | None = None, state=None, decode: bool = False):
+        x = self.input_layernorm(h)
+        if self.kind == "attention":
+            x = self.self_attn(x, segment=segment, kv=state)
+        elif decode:
+            x = self.mamba.step(x, state)
+        else:
+            x = self.mamba(x, segment=segment, state=state)
+        h = h + x
+        y, router = self.feed_forward(self.pre_ff_layernorm(h))
+        h = h + y
+        if router is None:
+            return h, None, None
+        return h, router.logits, router.counts
+
+
+class Jamba(nn.Module):
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(JambaLayer(cfg, i) for i in range(cfg.n_layers))
+        self.final_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.gate_up, std=std)
+                nn.init.normal_(module.down, std=std)
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                n = module.d_state
+                module.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(module.d_inner, 1))
+                module.D.fill_(1.0)
+                # mamba-ssm's dt init: softplus(bias) log-uniform in [1e-3, 1e-1], a sane starting step size
+                dt = torch.exp(torch.rand(module.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+                module.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                segment: torch.Tensor | None = None, cache: HybridCache | None = None,
+                output_router_logits: bool = False, token_mask: torch.Tensor | None = None) -> JambaOutput:
+        """input_ids [b, L]. ``labels`` are aligned with ``input_ids`` (shifted here; -100 = ignore).
+
+        ``segment`` [b, L]: document ids of a packed sequence; attention stays within a document and the
+        pure-PyTorch Mamba path resets its state at each new document. ``cache``: prefill or decode.
+        """
+        decode = cache is not None and cache.seen > 0
+        h = self.embed_tokens(input_ids)
+        router_logits, counts = [], []
+        for i, layer in enumerate(self.layers):
+            state = cache.layers[i] if cache is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h, logits, count = checkpoint(layer, h, segment, state, decode, use_reentrant=False)
+            else:
+                h, logits, count = layer(h, segment, state, decode)
+            if logits is not None:
+                router_logits.append(logits)
+                counts.append(count)
+        if cache is not None:
+            cache.seen += input_ids.shape[1]
+        logits = self.lm_head(self.final_layernorm(h))
+        out = JambaOutput(logits=logits, router_logits=router_logits if output_router_logits else [],
+                          expert_counts=counts)
+        if output_router_logits and router_logits:
+            out.aux_loss = load_balancing_loss(router_logits, self.cfg.n_experts, self.cfg.top_k, token_mask)
+            if self.cfg.router_z_loss_coef > 0:
+                out.z_loss = router_z_loss(router_logits)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                          labels[:, 1:].reshape(-1), ignore_index=-100)
+            out.loss = out.lm_loss
+            if out.aux_loss is not None:
+                out.loss = out.loss + self.cfg.router_aux_loss_coef * out.aux_loss
+            if out.z_loss is not None:
+                out.loss = out.loss + self.cfg.router_z_loss_coef * out.z_loss
+        return out
+
+    def new_cache(self) -> HybridCache:
+        return HybridCache.for_model([layer.kind for layer in self.layers])
+
+    def set_cuda_kernels(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                module.use_cuda_kernels = enabled

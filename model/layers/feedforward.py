@@ -1,0 +1,115 @@
+"""Feed-forward layers: the dense SwiGLU MLP, and Jamba's mixture of experts.
+
+MoE semantics (Jamba / Hugging Face): router logits -> softmax in float32 -> top-k; the k weights are
+*not* renormalised; every token goes to its k experts (no capacity, no dropping, no sampling). Tokens are
+sorted by expert and each expert runs one matmul over its contiguous slice. The load-balancing loss is
+Hugging Face's (``E * sum_e f_e * P_e`` over all MoE layers; 2.0 for balanced top-2); an optional router
+z-loss is available. Per-expert token counts are returned for metrics.
+
+Expert weights are stored stacked (``gate_up [E, 2F, d]``, ``down [E, d, F]``) so that an expert-parallel
+trainer can shard dimension 0 across ranks; ``experts_forward`` is the piece it replaces with all-to-all
+dispatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import JambaConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor          # [tokens, E], model dtype
+    counts: torch.Tensor          # [E] tokens routed to each expert (top-k slots)
+
+
+def experts_forward(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    """Grouped expert compute. x [T, d]; expert_idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F]."""
+    T, k = expert_idx.shape
+    E = gate_up.shape[0]
+    flat = expert_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // k
+    counts = torch.bincount(flat, minlength=E).tolist()
+    xs = x[token_of]
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        chunk = xs[start:start + n]
+        gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+        outs.append(F.linear(F.silu(gate) * up, down[e]))
+        start += n
+    ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+    out = torch.zeros_like(x)
+    return out.index_add(0, token_of, ys.to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.gate_up = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.ffn_dim, cfg.d_model))
+        self.down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.ffn_dim))
+        nn.init.normal_(self.gate_up, std=cfg.init_std)
+        nn.init.normal_(self.down, std=cfg.init_std)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.router(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        return logits, weights.to(x.dtype), idx
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits, weights, idx = self.route(flat)
+        out = experts_forward(flat, idx, weights, self.gate_up, self.down)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)
+        return out.view(shape), RouterOutput(logits=logits, counts=counts)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k: int,
+                        token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Hugging Face's auxiliary loss over all MoE layers: ``E * sum_e f_e * P_e``.
+
+    f_e: fraction of tokens (summed over the k slots) routed to e; P_e: mean router probability of e.
+    ``token_mask`` [tokens] (1 = real token) excludes padding, as HF's attention_mask does.
+    """
+    device = router_logits[0].device
+    routed = torch.zeros(n_experts, dtype=torch.float32, device=device)
+    prob_sum = torch.zeros(n_experts, dtype=torch.float32, device=device)
+    rows = torch.zeros((), dtype=torch.float32, device=device)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        _, idx = torch.topk(probs, top_k, dim=-1)
+        mask = torch.ones(probs.shape[0], device=device) if token_mask is None else token_mask.float().reshape(-1)
+        routed = routed.scatter_add(0, idx.reshape(-1), mask.repeat_interleave(top_k))
+        prob_sum = prob_sum + (probs * mask[:, None]).sum(0)
+        rows = rows + mask.sum()
+    return n_experts * torch.sum((routed / rows) * (prob_sum / rows))
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE's z-loss: mean squared log-sum-exp of the router logits (keeps them small)."""
+    return torch.stack([torch.logsumexp(lg.float(), dim=-1).pow(2).mean() for lg in router_logits]).mean()

@@ -1,0 +1,195 @@
+"""The selective scan (Mamba-1's recurrence), in one place: a fast CUDA path and a pure-PyTorch path that
+compute the same function, chosen here and nowhere else.
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t          (per channel d and state n)
+    y_t = <C_t, h_t> + D * x_t
+
+Shapes follow mamba-ssm: ``x, dt: [b, d, L]``, ``A: [d, n]``, ``B, C: [b, n, L]``, ``D: [d]``; ``dt`` is
+already ``softplus(dt_proj(...) + bias)``.
+
+The pure path splits the sequence into chunks of ``chunk`` tokens. Inside a chunk the recurrence is solved
+in closed form with two cumulative sums (``S``, the running sum of ``dt * A``, and the running sum of
+``exp(-S) * dt * x * B``), for all chunks of a block at once; the states entering the chunks are then
+chained, one cheap ``[b, d, n]`` update per chunk. Where a chunk's total decay could overflow ``exp(-S)``
+in float32 the block is computed in float64, and past that with one-token chunks, so the result is exact.
+Memory is ``[b, d, block, n]`` for one block, never ``[b, d, L, n]``; under autograd each block is
+recomputed in the backward pass (activation checkpointing), so what is kept for backward is the block
+inputs and the ``[b, d, n]`` states between blocks.
+
+Document boundaries (``segment`` ids ``[b, L]``, increasing at each new document) reset the state: no
+contribution crosses from one segment to the next.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def sequential_scan(x, dt, A, B, C, D=None, h0=None, segment=None):
+    """The reference: a plain loop over time. Returns (y [b, d, L], h_last [b, d, n])."""
+    b, d, L = x.shape
+    h = torch.zeros(b, d, A.shape[1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
+    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
+    ys = []
+    for t in range(L):
+        decay = torch.exp(dtf[:, :, t, None] * A)
+        if segment is not None and t > 0:
+            keep = (segment[:, t] == segment[:, t - 1]).to(h.dtype)[:, None, None]
+            h = h * keep
+        h = decay * h + (dtf[:, :, t] * xf[:, :, t])[:, :, None] * Bf[:, None, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, Cf[:, :, t]))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + xf * D.float()[None, :, None]
+    return y.to(x.dtype), h
+
+
+# The closed form multiplies exp(-S) by exp(S); exp(-S) must stay finite, so a chunk may span at most this
+# much total decay (sum of -dt*A, in nats): float32 overflows past e^88, float64 past e^709.
+_DECAY_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _segment_starts(seg: torch.Tensor, seg_prev: torch.Tensor, T: int) -> torch.Tensor:
+    """For each position, the index within its chunk where its document segment starts (-1: before it)."""
+    b, L = seg.shape
+    boundary = torch.empty_like(seg, dtype=torch.bool)
+    boundary[:, 0] = seg[:, 0] != seg_prev
+    boundary[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    positions = torch.arange(T, device=seg.device).repeat(L // T)
+    marked = torch.where(boundary, positions, -1).view(b, L // T, T)
+    return torch.cummax(marked, dim=2).values                                    # [b, nc, T]
+
+
+def _block(x, dt, A, B, C, h0, seg, seg_prev, T: int):
+    """A run of whole chunks of T tokens, all chunks solved at once, then their states chained.
+
+    Per chunk, with S_t = sum_{s<=t} dt_s A (<= 0) and v_s = dt_s x_s B_s, the state from a zero start is
+    hloc_t = exp(S_t) * sum_{s<=t} exp(-S_s) v_s (two cumsums); the true state adds exp(S_t) * H, H the state
+    entering the chunk, and the H are chained chunk by chunk. x, dt: [b, d, L]; B, C: [b, n, L], L % T == 0.
+    """
+    b, d, L = x.shape
+    n, nc = A.shape[1], L // T
+    S = torch.cumsum((dt[..., None] * A[None, :, None, :]).view(b, d, nc, T, n), dim=3)
+    worst = float(-S[:, :, :, -1].detach().min()) if T > 1 else 0.0
+    dtype = next((t for t, limit in _DECAY_LIMIT.items() if worst <= limit), None)
+    if dtype is None:  # pathological decay: fall back to one-token chunks, which need no exp(-S)
+        return _block(x, dt, A, B, C, h0, seg, seg_prev, 1)
+    v = ((dt * x)[..., None] * B.transpose(1, 2)[:, None]).view(b, d, nc, T, n)
+    if T == 1:
+        hloc = v
+    else:
+        S_, v_ = S.to(dtype), v.to(dtype)
+        acc = torch.cumsum(torch.exp(-S_) * v_, dim=3)
+        if seg is not None:
+            start = _segment_starts(seg, seg_prev, T)                              # [b, nc, T]
+            idx = (start - 1).clamp(min=0)[:, None, :, :, None].expand(b, d, nc, T, n)
+            acc = acc - torch.gather(acc, 3, idx) * (start >= 1)[:, None, :, :, None].to(dtype)
+        hloc = (torch.exp(S_) * acc).to(torch.float32)
+    if seg is not None:
+        start = _segment_starts(seg, seg_prev, T) if T > 1 else _segment_starts(seg, seg_prev, 1)
+        carry_ok = (start < 0)[:, None, :, :, None].to(torch.float32)           # [b, 1, nc, T, 1]
+    else:
+        carry_ok = None
+    decay_end = torch.exp(S[:, :, :, -1])                                        # [b, d, nc, n]
+    entering = []
+    H = h0
+    for c in range(nc):
+        entering.append(H)
+        carried = decay_end[:, :, c] * H
+        if carry_ok is not None:
+            carried = carried * carry_ok[:, :, c, -1]
+        H = carried + hloc[:, :, c, -1]
+    Hs = torch.stack(entering, dim=2)[:, :, :, None, :]                          # [b, d, nc, 1, n]
+    carry = torch.exp(S) * Hs
+    if carry_ok is not None:
+        carry = carry * carry_ok
+    h_all = hloc + carry                                                         # [b, d, nc, T, n]
+    y = torch.einsum("bdctn,bnct->bdct", h_all, C.view(b, n, nc, T)).reshape(b, d, L)
+    return y, H
+
+
+def chunked_scan(x, dt, A, B, C, D=None, h0=None, segment=None, chunk: int = 32, block: int = 256):
+    """Pure-PyTorch selective scan, equal to ``sequential_scan`` to float32 rounding.
+
+    The sequence is processed ``block`` tokens at a time (memory ``[b, d, block, n]``), each block as
+    chunks of ``chunk`` tokens solved in closed form together.
+    """
+    b, d, L = x.shape
+    n = A.shape[1]
+    xf, dtf, Bf, Cf, Af = x.float(), dt.float(), B.float(), C.float(), A.float()
+    h = torch.zeros(b, d, n, dtype=torch.float32, device=x.device) if h0 is None else h0.float()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C))
+    block = max(chunk, block // chunk * chunk)
+    ys = []
+    seg_prev = segment[:, 0] if segment is not None else None
+    for start in range(0, L, block):
+        end = min(L, start + block)
+        xs, dts, Bs, Cs = xf[:, :, start:end], dtf[:, :, start:end], Bf[:, :, start:end], Cf[:, :, start:end]
+        seg = segment[:, start:end] if segment is not None else None
+        pad = (-(end - start)) % chunk
+        if pad:  # dt = 0 and x = 0 leave the state untouched, so padding changes nothing before it
+            xs, dts = F.pad(xs, (0, pad)), F.pad(dts, (0, pad))
+            Bs, Cs = F.pad(Bs, (0, pad)), F.pad(Cs, (0, pad))
+            if seg is not None:
+                seg = torch.cat([seg, seg[:, -1:].expand(-1, pad)], dim=1)
+        args = (xs, dts, Af, Bs, Cs, h, seg, seg_prev, chunk)
+        # Recompute each block in backward: autograd keeps the block inputs and [b, d, n] states only.
+        y, h = checkpoint(_block, *args, use_reentrant=False) if grad else _block(*args)
+        ys.append(y[:, :, : end - start])
+        if seg is not None:
+            seg_prev = seg[:, -1]
+    y = torch.cat(ys, dim=-1)
+    if D is not None:
+        y = y + xf * D.float()[None, :, None]
+    return y.to(x.dtype), h
+
+
+def step(x, dt, A, B, C, D, h):
+    """One decoding step. x, dt: [b, d]; B, C: [b, n]; h: [b, d, n] (float32). Returns (y [b, d], h)."""
+    dtf = dt.float()
+    h = torch.exp(dtf[..., None] * A) * h + (dtf * x.float())[..., None] * B.float()[:, None, :]
+    y = torch.einsum("bdn,bn->bd", h, C.float()) + x.float() * D.float()
+    return y.to(x.dtype), h
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+_KERNELS: dict[str, object] | None = None
+
+
+def kernels() -> dict[str, object] | None:
+    """mamba-ssm / causal-conv1d CUDA kernels, imported lazily; None when they are not usable here."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from causal_conv1d import causal_conv1d_fn
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            _KERNELS = {"selective_scan_fn": selective_scan_fn, "causal_conv1d_fn": causal_conv1d_fn}
+        except Exception:  # ImportError, or the compiled extension failing to load on a CPU machine
+            _KERNELS = {}
+    return _KERNELS or None
+
+
+def use_kernels(x: torch.Tensor, segment, want: bool) -> bool:
+    return want and x.is_cuda and segment is None and kernels() is not None
+
+
+def selective_scan(x, dt_raw, dt_bias, A, B, C, D, z=None, segment=None, chunk: int = 32,
+                   use_cuda_kernels: bool = True):
+    """y = scan(...) * silu(z); ``dt_raw`` is dt_proj's output without bias (softplus applied here).
+
+    On CUDA with mamba-ssm installed (and no document resets) this is ``selective_scan_fn`` with the bias
+    and softplus fused; elsewhere the chunked pure-PyTorch scan. Returns (y [b, d, L], h_last [b, d, n]).
+    """
+    if use_kernels(x, segment, use_cuda_kernels):
+        fn = kernels()["selective_scan_fn"]
+        y, last = fn(x, dt_raw, A, B, C, D.float(), z=z, delta_bias=dt_bias.float(), delta_softplus=True,
+                     return_last_state=True)
+        return y, last
+    dt = F.softplus(dt_raw.float() + dt_bias.float()[None, :, None])
+    y, h = chunked_scan(x, dt, A, B, C, D, segment=segment, chunk=chunk)
+    if z is not None:
+        y = y * F.silu(z.float()).to(y.dtype)
+    return y, h

@@ -1,0 +1,146 @@
+"""Config, parameter counts, decode parity with the cache, cache memory, document masking, generation, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import Jamba, JambaConfig, ModelConfigError
+from model.generate import generate, sample_next
+from model.params import count_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny() -> JambaConfig:
+    return JambaConfig.from_yaml(ROOT / "configs/model/jamba-tiny.yaml")
+
+
+def test_released_config_layout_and_counts():
+    cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
+    assert cfg.n_layers == 32 and cfg.attention_layers == [4, 12, 20, 28]
+    assert [i for i in range(cfg.n_layers) if cfg.is_moe(i)] == list(range(1, 32, 2))
+    counts = count_parameters(cfg)
+    assert abs(counts["total"] / 1e9 - 51.57) < 0.01 and abs(counts["active"] / 1e9 - 12.11) < 0.01
+    assert counts["part_embedding"] == 65536 * 4096
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ModelConfigError, match="n_kv_heads: must divide n_heads"):
+        JambaConfig(n_heads=32, n_kv_heads=5)
+    with pytest.raises(ModelConfigError, match="attn_offset: must be in"):
+        JambaConfig(attn_period=4, attn_offset=4)
+    (tmp_path / "m.yaml").write_text("d_model: 64\nn_layerz: 3\n")
+    with pytest.raises(ModelConfigError, match=r"m.yaml: n_layerz: unknown key"):
+        JambaConfig.from_yaml(tmp_path / "m.yaml")
+
+
+def test_hf_config_round_trip():
+    cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
+    assert JambaConfig.from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize("prefill", [1, 3, 7])
+def test_incremental_decoding_equals_full_forward(prefill):
+    torch.manual_seed(0)
+    model = Jamba(tiny()).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        parts = [model(ids[:, :prefill], cache=cache).logits]
+        for t in range(prefill, ids.shape[1]):
+            parts.append(model(ids[:, t:t + 1], cache=cache).logits)
+    assert ((torch.cat(parts, 1) - full).abs().max() / full.abs().max()).item() < 1e-5
+
+
+def test_cache_memory_grows_only_in_attention_layers():
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = Jamba(cfg).eval()
+    sizes = []
+    for length in (8, 16, 32):
+        cache = model.new_cache()
+        with torch.no_grad():
+            model(torch.randint(0, cfg.vocab_size, (1, length)), cache=cache)
+        sizes.append(cache.nbytes())
+    per_token_kv = 2 * len(cfg.attention_layers) * cfg.n_kv_heads * cfg.head_dim * 4  # k and v, float32
+    assert [s["kv"] for s in sizes] == [per_token_kv * n for n in (8, 16, 32)]
+    mamba_layers = cfg.n_layers - len(cfg.attention_layers)
+    state = mamba_layers * cfg.d_inner * (cfg.mamba_d_conv + cfg.mamba_d_state) * 4
+    assert all(s["mamba_state"] == state for s in sizes)
+
+
+def test_document_masking_isolates_packed_documents():
+    torch.manual_seed(0)
+    model = Jamba(tiny()).eval()
+    a = torch.randint(3, 2000, (1, 11))
+    b = torch.randint(3, 2000, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    segment = torch.cat([torch.zeros(1, 11), torch.ones(1, 9)], dim=1).long()
+    with torch.no_grad():
+        together = model(packed, segment=segment).logits
+        alone = model(b).logits
+        leaky = model(packed).logits
+    assert (together[:, 11:] - alone).abs().max() < 1e-4
+    assert (leaky[:, 11:] - alone).abs().max() > 1e-3  # without segments the second document sees the first
+
+
+def test_training_step_with_checkpointing_matches_without():
+    torch.manual_seed(0)
+    model = Jamba(tiny()).train()
+    ids = torch.randint(0, 2048, (2, 24))
+    out = model(ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing = True
+    out2 = model(ids, labels=ids, output_router_logits=True)
+    out2.loss.backward()
+    assert torch.allclose(out.loss, out2.loss)
+    for name, g in grads.items():
+        assert torch.allclose(model.get_parameter(name).grad, g, atol=1e-6, rtol=1e-4), name
+    assert len(out.expert_counts) == sum(model.cfg.is_moe(i) for i in range(model.cfg.n_layers))
+    assert all(int(c.sum()) == 2 * 24 * model.cfg.top_k for c in out.expert_counts)
+
+
+def test_bf16_forward_runs_and_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = Jamba(tiny()).eval()
+    ids = torch.randint(0, 2048, (1, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+        low = model.to(torch.bfloat16)(ids).logits.float()
+    assert ((low - ref).abs().max() / ref.abs().max()).item() < 5e-2
+
+
+def test_generation_greedy_is_deterministic_and_top_p_respects_the_nucleus():
+    torch.manual_seed(0)
+    model = Jamba(tiny()).eval()
+    prompt = torch.randint(0, 2048, (2, 5))
+    a, cache = generate(model, prompt, 6)
+    b, _ = generate(model, prompt, 6)
+    assert torch.equal(a, b) and a.shape == (2, 11) and torch.equal(a[:, :5], prompt)
+    assert cache.seen == 5 + 5
+    logits = torch.tensor([[5.0, 4.9, -10.0, -10.0]])
+    picks = {int(sample_next(logits, 1.0, 0.9, torch.Generator().manual_seed(s))) for s in range(50)}
+    assert picks == {0, 1}
+
+
+def test_cli_params_init_convert_generate(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "model", *args], capture_output=True, text=True, cwd=ROOT)
+
+    out = run("params", "configs/model/jamba-v0.1.yaml", "--json")
+    assert out.returncode == 0 and '"total": 51570323328' in out.stdout
+    assert run("init", "configs/model/jamba-tiny.yaml", "--out", str(tmp_path / "n")).returncode == 0
+    assert run("convert", "--to-hf", str(tmp_path / "n"), "--out", str(tmp_path / "hf")).returncode == 0
+    assert run("convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")).returncode == 0
+    gen = run("generate", "--checkpoint", str(tmp_path / "back"), "--prompt", "5,6,7", "--max-new-tokens", "4")
+    assert gen.returncode == 0 and gen.stdout.startswith("5,6,7,") and "Mamba state" in gen.stderr
+    bad = run("convert", "--from-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "config.json: missing" in bad.stderr
