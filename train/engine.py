@@ -1,0 +1,172 @@
+"""The training loop: DeepSpeed (ZeRO 1/2, bf16, clipping, accumulation) + Jamba's expert parallelism.
+
+Launch: ``deepspeed [--num_gpus N | --hostfile F] --module train --config configs/train/X.yaml`` or
+``python -m train --config X`` for one process. On CPU, DeepSpeed's CPU accelerator with gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from train.config import TrainConfig
+
+NO_DECAY = ("norm", "bias", "A_log", ".D", "embed_tokens")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    total = max(1, cfg.steps - o.warmup_steps)
+    done = step - o.warmup_steps
+    if o.schedule == "cosine":
+        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, done / total)))
+    decay_steps = max(1, int(total * o.decay_fraction))   # warmup-stable-decay: linear decay at the end
+    stable = total - decay_steps
+    if done < stable:
+        return o.lr
+    return o.lr - (o.lr - o.min_lr) * min(1.0, (done - stable) / decay_steps)
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    p = cfg.parallel
+    return {
+        "train_micro_batch_size_per_gpu": p.micro_batch,
+        "gradient_accumulation_steps": p.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": p.dtype == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if any(tag in name for tag in NO_DECAY) else decay).append(p)
+    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(model_cfg) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), active parameters only:
+    6 * (active matmul parameters) + attention's 12 * layers_attn * d_model * seq (added by the caller)."""
+    from model.params import count_parameters
+
+    counts = count_parameters(model_cfg)
+    return 6.0 * (counts["active"] - counts["part_embedding"])
+
+
+def expert_load(counts: list[torch.Tensor]) -> dict[str, float]:
+    if not counts:
+        return {}
+    stacked = torch.stack([c.float() for c in counts])            # [moe layers, E]
+    mean = stacked.mean(1, keepdim=True).clamp_min(1e-9)
+    cv = (stacked.std(1, unbiased=False, keepdim=True) / mean).squeeze(1)
+    return {"expert_load_min": float(stacked.min()), "expert_load_max": float(stacked.max()),
+            "expert_load_cv_mean": float(cv.mean()), "expert_load_cv_max": float(cv.max())}
+
+
+def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from model import Jamba, JambaConfig
+    from train.data import MixtureSampler, RankLoader, SamplerState, load_streams
+    from train.expert_parallel import apply_expert_parallel
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if cfg.parallel.ep_size > world or world % cfg.parallel.ep_size:
+        raise ValueError(f"parallel.ep_size: {cfg.parallel.ep_size} must divide the world size {world}")
+    model_cfg = JambaConfig.from_yaml(cfg.model)
+    if model_cfg.n_experts % cfg.parallel.ep_size:
+        raise ValueError(f"parallel.ep_size: {cfg.parallel.ep_size} does not divide n_experts {model_cfg.n_experts}")
+    streams, tokenizer = load_streams(cfg.data.runs, model_cfg.vocab_size, cfg.data.weights)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = Jamba(model_cfg)
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    apply_expert_parallel(model, cfg.parallel.ep_size)
+    groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg.optim.weight_decay))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg), dist_init_required=False)
+
+    sampler = MixtureSampler(streams, cfg.data.weights, cfg.data.seq_len, cfg.data.seed)
+    loader = RankLoader(sampler, cfg.parallel.micro_batch, rank, world, tokenizer["eos_id"], cfg.data.pack)
+    ckpt_dir = Path(cfg.checkpoint.dir)
+    start = 0
+    if (ckpt_dir / "latest").exists():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        start = client["step"]
+        sampler.state = SamplerState(**client["sampler"])
+        log(f"resumed from {ckpt_dir} at step {start}") if rank == 0 else None
+
+    device = engine.device
+    fpt = flops_per_token(model_cfg)
+    tokens_per_step = cfg.data.seq_len * cfg.parallel.micro_batch * cfg.parallel.grad_accum * world
+    metrics_path = ckpt_dir / "metrics.jsonl"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    history = []
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        losses, auxes, counts = [], [], None
+        for _ in range(cfg.parallel.grad_accum):
+            batch = loader.next_batch()
+            ids = torch.from_numpy(batch.input_ids).to(device)
+            targets = torch.from_numpy(batch.targets).to(device)
+            segment = torch.from_numpy(batch.segment).to(device) if cfg.data.pack == "boundaries" else None
+            # DeepSpeed holds the parameters in bf16 when bf16 is enabled (fp32 master copies in the optimizer)
+            out = engine(ids, segment=segment, output_router_logits=True)
+            lm = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-100)
+            loss = lm
+            if out.aux_loss is not None:
+                loss = loss + model_cfg.router_aux_loss_coef * out.aux_loss
+                auxes.append(float(out.aux_loss))
+            if out.z_loss is not None:
+                loss = loss + model_cfg.router_z_loss_coef * out.z_loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(lm))
+            counts = out.expert_counts
+        elapsed = time.perf_counter() - started
+        mean_loss = torch.tensor(sum(losses) / len(losses))
+        torch.distributed.all_reduce(mean_loss)
+        record = {"step": step + 1, "loss": float(mean_loss) / world, "lr": lr,
+                  "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                  "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
+                  "aux_loss": sum(auxes) / len(auxes) if auxes else None, **expert_load(counts or [])}
+        record["mfu_flops_per_s"] = fpt * record["tokens_per_s"]
+        history.append(record)
+        if rank == 0:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if (step + 1) % cfg.log.every == 0:
+                log(f"step {step + 1}/{cfg.steps} loss {record['loss']:.4f} lr {lr:.2e} "
+                    f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s")
+        if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
+                                   client_state={"step": step + 1, "sampler": asdict(sampler.state)})
+    return {"history": history, "rank": rank, "world": world, "engine": engine}
+
+
+def main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
