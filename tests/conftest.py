@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_REAL = os.environ.get("JAMBA_REQUIRE_REAL_DATA") == "1" or os.environ.get("CI") == "true"
@@ -60,3 +61,33 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     full_env = {**os.environ, "JAMBA_RAY_DASHBOARD": "0", **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def write_config(corpus, path: Path) -> Path:
+    data = {
+        "run": {"unit_target_mb": 0.1, "num_cpus": 2},
+        "sources": [
+            {"name": "python-docs", "kind": "web", "paths": [str(corpus.root / "web/python-docs")]},
+            {"name": "debian-handbook", "kind": "web", "paths": [str(corpus.root / "web/debian-handbook")]},
+            {"name": "books", "kind": "book", "paths": [str(corpus.root / "books")]},
+            {"name": "stdlib", "kind": "code", "paths": [str(corpus.root / "code")]},
+        ],
+        # Python's docs are code-heavy reference pages: relax Gopher's word-shape rules so some survive.
+        "crawl_filter": {"web": {"gopher_quality": {"params": {"max_non_alpha_words_ratio": 0.5}}}},
+        "tokenize": {"train": {"vocab_size": 2048, "sample_mb": 2}, "shard_target_mb": 0.25},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def config_path(corpus, tmp_path_factory) -> Path:
+    return write_config(corpus, tmp_path_factory.mktemp("cfg") / "pipeline.yaml")
+
+
+@pytest.fixture(scope="session")
+def clean_run(config_path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("clean") / "run"
+    proc = run_cli("run", str(config_path), "--output", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc

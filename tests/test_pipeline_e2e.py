@@ -17,39 +17,9 @@ import yaml
 
 from pipeline.shards import Manifest, ShardReader
 from pipeline.tokenizer import load_tokenizer
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
-
-
-def write_config(corpus, path: Path) -> Path:
-    data = {
-        "run": {"unit_target_mb": 0.1, "num_cpus": 2},
-        "sources": [
-            {"name": "python-docs", "kind": "web", "paths": [str(corpus.root / "web/python-docs")]},
-            {"name": "debian-handbook", "kind": "web", "paths": [str(corpus.root / "web/debian-handbook")]},
-            {"name": "books", "kind": "book", "paths": [str(corpus.root / "books")]},
-            {"name": "stdlib", "kind": "code", "paths": [str(corpus.root / "code")]},
-        ],
-        # Python's docs are code-heavy reference pages: relax Gopher's word-shape rules so some survive.
-        "crawl_filter": {"web": {"gopher_quality": {"params": {"max_non_alpha_words_ratio": 0.5}}}},
-        "tokenize": {"train": {"vocab_size": 2048, "sample_mb": 2}, "shard_target_mb": 0.25},
-    }
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-@pytest.fixture(scope="module")
-def config_path(corpus, tmp_path_factory) -> Path:
-    return write_config(corpus, tmp_path_factory.mktemp("cfg") / "pipeline.yaml")
-
-
-@pytest.fixture(scope="module")
-def clean_run(config_path, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("clean") / "run"
-    proc = run_cli("run", str(config_path), "--output", str(run_dir), "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc
 
 
 def shard_digests(run_dir: Path) -> list[tuple[str, str]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 
 from train.config import TrainConfigError, load_train_config
@@ -21,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         overrides[key] = yaml.safe_load(value)
+    # A plain `python -m train` is a world of one: give torch.distributed what the launcher would.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     try:
         cfg = load_train_config(args.config, overrides)
         from train.engine import train
@@ -30,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

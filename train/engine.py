@@ -165,7 +165,26 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
                                    client_state={"step": step + 1, "sampler": asdict(sampler.state)})
-    return {"history": history, "rank": rank, "world": world, "engine": engine}
+    export_dir = export(engine.module, model_cfg, ckpt_dir / "final", rank)
+    if rank == 0:
+        log(f"exported {export_dir} (native) and {export_dir / 'hf'} (Hugging Face)")
+    return {"history": history, "rank": rank, "world": world}
+
+
+def export(module: torch.nn.Module, model_cfg, out: Path, rank: int) -> Path:
+    """Gather the expert shards and write the trained weights as a native and a Hugging Face checkpoint."""
+    from model import Jamba
+    from model.hf import load_state_into, save_hf, save_native
+    from train.expert_parallel import full_state_dict
+
+    state = full_state_dict(module)  # collective: every rank takes part
+    if rank == 0:
+        plain = Jamba(model_cfg)
+        load_state_into(plain, {k: v.float() for k, v in state.items()}, "trained model")
+        save_native(plain, out)
+        save_hf(plain, out / "hf")
+    torch.distributed.barrier()
+    return out
 
 
 def main_rank() -> bool:

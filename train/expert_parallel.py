@@ -8,6 +8,9 @@ router and loss, and this module adds only the parallel part, using DeepSpeed's 
 
 * ``deepspeed.utils.groups._create_expert_and_data_parallel(ep_size)`` makes the expert-parallel groups
   (all-to-all) and expert-data-parallel groups (gradient all-reduce of expert weights);
+* the sharded MoE subclasses DeepSpeed's ``MoE`` (without its constructor) and names its experts
+  ``deepspeed_moe.experts.deepspeed_experts.<local id>``, so the engine detects MoE layers, ZeRO 1/2 reduces
+  expert gradients over the expert-data-parallel group, and checkpoints are written per global expert;
 * each EP rank keeps ``n_experts / ep_size`` experts (global expert ``e`` lives on EP rank
   ``e // local``); expert parameters are tagged ``allreduce=False`` and ``group_name=ep_size_<n>``, which is
   how DeepSpeed's engine and ZeRO 1/2 recognise MoE parameters, and
@@ -36,94 +39,137 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     return all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
 
 
-class ExpertParallelMoE(nn.Module):
-    """Drop-in replacement for ``model.layers.feedforward.MoE`` holding only this rank's experts."""
+def _deepspeed_moe_base():
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-    def __init__(self, moe: MoE, ep_size: int, ep_rank: int, group, group_name: str):
+    return DeepSpeedMoE
+
+
+class _Expert(nn.Module):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, group_name: str):
         super().__init__()
-        if moe.n_experts % ep_size:
-            raise ValueError(f"parallel.ep_size: {ep_size} does not divide n_experts {moe.n_experts}")
-        self.n_experts, self.top_k = moe.n_experts, moe.top_k
-        self.ep_size, self.ep_rank, self.group = ep_size, ep_rank, group
-        self.local = moe.n_experts // ep_size
-        lo, hi = ep_rank * self.local, (ep_rank + 1) * self.local
-        self.router = moe.router
-        self.gate_up = nn.Parameter(moe.gate_up.detach()[lo:hi].clone())
-        self.down = nn.Parameter(moe.down.detach()[lo:hi].clone())
+        self.gate_up = nn.Parameter(gate_up.detach().clone())
+        self.down = nn.Parameter(down.detach().clone())
         for p in (self.gate_up, self.down):
             p.allreduce = False          # DeepSpeed: reduce over the expert-data-parallel group only
             p.group_name = group_name
 
-    route = MoE.route
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        logits, weights, idx = self.route(flat)
-        k = self.top_k
-        slots = idx.reshape(-1)
-        order = torch.argsort(slots, stable=True)
-        token_of = order // k
-        counts = torch.bincount(slots, minlength=self.n_experts)               # [E] global experts
-        send = flat[token_of]                                                    # slots sorted by expert
-        # how many slots go to each EP rank, and how many of them per local expert there
-        send_counts = counts.view(self.ep_size, self.local)
+
+def make_expert_parallel_moe(moe: MoE, ep_size: int):
+    """This rank's shard of ``moe`` as a DeepSpeed ``MoE`` subclass (so that DeepSpeed's engine, ZeRO 1/2 and
+    its per-expert checkpoint files treat it as native MoE), with Jamba's routing in ``forward``."""
+    base = _deepspeed_moe_base()
+
+    class ExpertParallelMoE(base):
+        def __init__(self):
+            nn.Module.__init__(self)  # not DeepSpeed's constructor: its gate and experts are not used
+            if moe.n_experts % ep_size:
+                raise ValueError(f"parallel.ep_size: {ep_size} does not divide n_experts {moe.n_experts}")
+            self.num_experts, self.top_k, self.ep_size = moe.n_experts, moe.top_k, ep_size
+            self.n_experts = moe.n_experts
+            self.num_local_experts = moe.n_experts // ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+            self.enable_expert_tensor_parallelism = False
+            self.router = moe.router
+            self.group = None
+            self.ep_rank = 0
+            self.deepspeed_moe = nn.Module()
+            self.deepspeed_moe.experts = nn.Module()
+            self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList()
+            self._full = (moe.gate_up.detach(), moe.down.detach())
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            from deepspeed.utils import groups
+
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(
+                    self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+            self.group = groups._get_expert_parallel_group(self.expert_group_name)
+            self.ep_rank = dist.get_rank(self.group)
+            if self._full is not None:  # keep only this rank's experts
+                gate_up, down = self._full
+                lo = self.ep_rank * self.num_local_experts
+                for e in range(lo, lo + self.num_local_experts):
+                    self.deepspeed_moe.experts.deepspeed_experts.append(
+                        _Expert(gate_up[e], down[e], self.expert_group_name))
+                self._full = None
+
+        route = MoE.route
+
+        def local_experts(self) -> nn.ModuleList:
+            return self.deepspeed_moe.experts.deepspeed_experts
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+            return expert_parallel_forward(self, x)
+
+    return ExpertParallelMoE()
+
+
+def expert_parallel_forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    """Route (Jamba semantics), send each token slot to the EP rank that owns its expert, compute, return."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    logits, weights, idx = layer.route(flat)
+    k, local, ep = layer.top_k, layer.num_local_experts, layer.ep_size
+    slots = idx.reshape(-1)
+    order = torch.argsort(slots, stable=True)
+    token_of = order // k
+    counts = torch.bincount(slots, minlength=layer.n_experts)                 # [E] global experts
+    send = flat[token_of]                                                      # slots sorted by expert
+    send_counts = counts.view(ep, local)
+    if ep > 1:
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)      # [src rank, local expert]
-        in_splits = send_counts.sum(1).tolist()
-        out_splits = recv_counts.sum(1).tolist()
-        received = _all_to_all(send, out_splits, in_splits, self.group)
-        # received rows: for each source rank, its slots for my experts in expert order; regroup by expert
-        per_src = recv_counts.tolist()
-        expert_of = torch.cat([torch.arange(self.local, device=x.device).repeat_interleave(torch.tensor(row))
-                               for row in per_src]) if received.shape[0] else torch.zeros(0, dtype=torch.long)
-        regroup = torch.argsort(expert_of, stable=True)
-        grouped = received[regroup]
-        per_expert = recv_counts.sum(0).tolist()
-        outs, start = [], 0
-        for e, n in enumerate(per_expert):
-            if n:
-                chunk = grouped[start:start + n]
-                gate, up = F.linear(chunk, self.gate_up[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, self.down[e]))
-                start += n
-        computed = torch.cat(outs) if outs else grouped.new_zeros(0, flat.shape[1])
-        back = torch.empty_like(computed)
-        back = back.index_copy(0, regroup, computed) if computed.shape[0] else computed
-        returned = _all_to_all(back, in_splits, out_splits, self.group)
-        returned = returned * weights.reshape(-1)[order, None].to(returned.dtype)
-        out = torch.zeros_like(flat).index_add(0, token_of, returned.to(flat.dtype))
-        return out.view(shape), RouterOutput(logits=logits, counts=counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=layer.group)   # [source rank, local expert]
+        in_splits, out_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        received = _all_to_all(send, out_splits, in_splits, layer.group)
+    else:
+        recv_counts, received = send_counts, send
+    # received: per source rank, its slots for my experts in expert order -> regroup by expert
+    expert_of = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(ep), recv_counts.reshape(-1))
+    regroup = torch.argsort(expert_of, stable=True)
+    grouped = received[regroup]
+    outs, start = [], 0
+    for e, n in enumerate(recv_counts.sum(0).tolist()):
+        if n:
+            outs.append(layer.local_experts()[e](grouped[start:start + n]))
+            start += n
+    computed = torch.cat(outs) if outs else grouped.new_zeros(0, flat.shape[1])
+    back = torch.zeros_like(computed).index_copy(0, regroup, computed) if computed.shape[0] else computed
+    returned = _all_to_all(back, in_splits, out_splits, layer.group) if ep > 1 else back
+    returned = returned * weights.reshape(-1)[order, None].to(returned.dtype)
+    out = torch.zeros_like(flat).index_add(0, token_of, returned.to(flat.dtype))
+    return out.view(shape), RouterOutput(logits=logits, counts=counts)
 
 
-def apply_expert_parallel(model: nn.Module, ep_size: int) -> str | None:
-    """Replace every MoE of ``model`` with its expert-parallel shard; returns DeepSpeed's group name."""
-    if ep_size == 1:
-        return None
-    from deepspeed.utils import groups
-
-    groups._create_expert_and_data_parallel(ep_size)
-    group_name = f"ep_size_{ep_size}"
-    group = groups._get_expert_parallel_group(group_name)
-    ep_rank = dist.get_rank(group)
+def apply_expert_parallel(model: nn.Module, ep_size: int) -> None:
+    """Replace every MoE of ``model`` with this rank's expert-parallel shard (torch.distributed must be
+    initialised). Done before the optimizer is built, so that it sees the sharded expert parameters."""
     for layer in model.layers:
         if isinstance(layer.feed_forward, MoE):
-            layer.feed_forward = ExpertParallelMoE(layer.feed_forward, ep_size, ep_rank, group, group_name)
-    return group_name
+            layer.feed_forward = make_expert_parallel_moe(layer.feed_forward, ep_size)
+            layer.feed_forward.set_deepspeed_parallelism()
 
 
-def gather_full_experts(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full (all-experts) state dict, for export: expert shards are all-gathered over the EP group,
-    global expert id = ep_rank * local + local id."""
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state in the single-process layout (``feed_forward.gate_up [E, 2F, d]``...), expert
+    shards all-gathered over the EP group; global expert id = ep_rank * local + local id."""
     state = {}
     for name, tensor in model.state_dict().items():
-        state[name] = tensor
+        if ".deepspeed_moe." not in name:
+            state[name] = tensor.detach()
     for i, layer in enumerate(model.layers):
         ff = layer.feed_forward
-        if isinstance(ff, ExpertParallelMoE):
-            for pname in ("gate_up", "down"):
-                local = getattr(ff, pname).detach().contiguous()
+        if not hasattr(ff, "local_experts"):
+            continue
+        for pname in ("gate_up", "down"):
+            local = torch.stack([getattr(e, pname).detach() for e in ff.local_experts()]).contiguous()
+            if ff.ep_size > 1:
                 parts = [torch.empty_like(local) for _ in range(ff.ep_size)]
                 dist.all_gather(parts, local, group=ff.group)
-                state[f"layers.{i}.feed_forward.{pname}"] = torch.cat(parts)
+                local = torch.cat(parts)
+            state[f"layers.{i}.feed_forward.{pname}"] = local
     return state
