@@ -9,11 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_SCALE ?= demo
 DEMO_OUT ?= runs/demo
+DEMO_TRAIN ?= runs/demo-train
 
 .PHONY: install demo test lint bench clean help
 
 help:
-	@echo "make demo   fetch the real demo corpus, run the whole pipeline on local Ray, inspect the shards"
+	@echo "make demo   fetch the real demo corpus, run the pipeline on local Ray, train a tiny Jamba with DeepSpeed on CPU"
 	@echo "make test   run the test suite (real data, real Ray)"
 	@echo "make lint   ruff"
 	@echo "make bench  benchmarks side by side with datatrove / raw tokenizers (writes bench/results/)"
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q -e ".[dev,demo,train]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +33,13 @@ demo: install
 	JAMBA_DEMO_DATA=$${JAMBA_DEMO_DATA:-$$HOME/.cache/jamba-pretrain/demo/$(DEMO_SCALE)} \
 	  $(PY) -m pipeline run configs/pipeline/demo.yaml --output $(DEMO_OUT)
 	$(PY) -m pipeline inspect $(DEMO_OUT) --decode 2 --max-chars 300
+	@echo "== training a tiny Jamba on $(DEMO_OUT) with DeepSpeed: 2 CPU ranks, experts split over both =="
+	$(VENV)/bin/deepspeed --num_gpus 2 --module train --config configs/train/tiny-cpu.yaml \
+	  --set "data.runs=[$(DEMO_OUT)]" --set checkpoint.dir=$(DEMO_TRAIN)
+	$(PY) -m train.plot $(DEMO_TRAIN)/metrics.jsonl --out $(DEMO_TRAIN)/loss.png
+	$(PY) -m model generate --checkpoint $(DEMO_TRAIN)/final/hf --tokenizer $(DEMO_OUT)/tokenizer/tokenizer.json \
+	  --prompt "The " --max-new-tokens 20
+	@echo "trained checkpoint: $(DEMO_TRAIN)/final (native) and $(DEMO_TRAIN)/final/hf (Hugging Face); loss curve: $(DEMO_TRAIN)/loss.png"
 
 test: install
 	$(VENV)/bin/ruff check .

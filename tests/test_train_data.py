@@ -101,5 +101,12 @@ def test_errors_before_training(run_dir, tmp_path):
     with pytest.raises(DataError, match="no shards for source 'wiki'"):
         load_streams([run_dir], model_vocab=1024, sources={"wiki": 1.0})
     streams, _ = load_streams([run_dir], model_vocab=1024)
-    with pytest.raises(DataError, match="fewer than seq_len"):
+    with pytest.raises(DataError, match="no source has at least seq_len"):
         MixtureSampler(streams, None, seq_len=10**9, seed=0)
+    with pytest.raises(DataError, match="data.weights: source 'stdlib' has fewer than seq_len"):
+        MixtureSampler(streams, {"stdlib": 1.0}, seq_len=streams["stdlib"].tokens, seed=0)
+    # by default a source too short for one window is skipped, the others still train
+    longest = max(s.tokens for s in streams.values())
+    shortest = min(s.tokens for s in streams.values())
+    sampler = MixtureSampler(streams, None, seq_len=(shortest + longest) // 2, seed=0)
+    assert len(sampler.names) < len(streams)

@@ -6,7 +6,9 @@ windows are sliced out of them without copying until the batch is built.
 * Each source (``manifest.totals``: web / book / code sources of one or more runs) is one token stream: its
   documents in manifest order, each ending with EOS. It is cut into non-overlapping windows of
   ``seq_len + 1`` tokens (inputs are the first ``seq_len``, targets the last ``seq_len``).
-* The mixture draws a source per sample with the configured weights, from a seeded generator; within a
+* The mixture draws a source per sample with the configured weights (default: proportional to each
+  source's tokens; a source shorter than one window is then skipped with a warning), from a seeded
+  generator; within a
   source, windows come in a seeded permutation per epoch of that source.
 * The sampler's whole state is ``(samples drawn, per-source draws)``, saved in checkpoints, so a resumed run
   continues with the next unseen sample. Data-parallel rank ``r`` of ``w`` takes global samples
@@ -19,6 +21,7 @@ windows are sliced out of them without copying until the batch is built.
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,14 +134,23 @@ class MixtureSampler:
 
     def __init__(self, streams: dict[str, SourceStream], weights: dict[str, float] | None, seq_len: int,
                  seed: int):
-        self.streams = streams
-        self.names = sorted(streams)
         self.window = seq_len + 1
-        self.n_windows = {n: streams[n].tokens // self.window for n in self.names}
-        empty = [n for n in self.names if self.n_windows[n] == 0]
-        if empty:
-            raise DataError(f"source {empty[0]!r} has fewer than seq_len + 1 = {self.window} tokens")
-        raw = np.array([(weights or {}).get(n, 1.0 if weights is None else 0.0) for n in self.names], dtype=np.float64)
+        too_small = sorted(n for n, s in streams.items() if s.tokens < self.window)
+        if weights is not None:
+            named = [n for n in too_small if weights.get(n, 0) > 0]
+            if named:
+                raise DataError(f"data.weights: source {named[0]!r} has fewer than seq_len + 1 = {self.window} tokens")
+        elif too_small:
+            logging.getLogger("train").warning("skipping sources shorter than one window (%d tokens): %s",
+                                               self.window, ", ".join(too_small))
+        self.streams = {n: s for n, s in streams.items() if n not in too_small}
+        if not self.streams:
+            raise DataError(f"no source has at least seq_len + 1 = {self.window} tokens")
+        self.names = sorted(self.streams)
+        self.n_windows = {n: self.streams[n].tokens // self.window for n in self.names}
+        # default mixture: the natural one, proportional to each source's tokens
+        raw = np.array([weights.get(n, 0.0) if weights is not None else float(self.streams[n].tokens)
+                        for n in self.names], dtype=np.float64)
         if raw.sum() <= 0:
             raise DataError("data.weights: all zero")
         self.probs = raw / raw.sum()
