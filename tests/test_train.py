@@ -82,6 +82,9 @@ def test_loss_decreases_on_pipeline_shards(ep2_run):
     assert rec[STEPS]["loss"] < rec[1]["loss"] - 0.5
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rec.values())
     assert rec[1]["expert_load_max"] >= rec[1]["expert_load_min"] >= 0
+    layers = rec[1]["expert_load_per_layer"]
+    assert len(layers) == 4 and all(layer["max"] >= layer["min"] for layer in layers)
+    assert list((ep2_run / "ep2" / "tensorboard").glob("events.out.tfevents.*"))
     expert_files = list((ep2_run / "ep2" / f"step{STEPS}").glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
     n_moe, n_experts = 4, 4  # jamba-tiny: 8 layers, MoE on odd ones, 4 experts
     assert len(expert_files) == n_moe * n_experts  # both ranks' experts are saved, by global id

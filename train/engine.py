@@ -69,14 +69,41 @@ def flops_per_token(model_cfg) -> float:
     return 6.0 * (counts["active"] - counts["part_embedding"])
 
 
-def expert_load(counts: list[torch.Tensor]) -> dict[str, float]:
+def expert_load(counts: list[torch.Tensor]) -> dict[str, Any]:
+    """Tokens per expert in each MoE layer (this rank's tokens): min, max and coefficient of variation."""
     if not counts:
         return {}
     stacked = torch.stack([c.float() for c in counts])            # [moe layers, E]
     mean = stacked.mean(1, keepdim=True).clamp_min(1e-9)
     cv = (stacked.std(1, unbiased=False, keepdim=True) / mean).squeeze(1)
     return {"expert_load_min": float(stacked.min()), "expert_load_max": float(stacked.max()),
-            "expert_load_cv_mean": float(cv.mean()), "expert_load_cv_max": float(cv.max())}
+            "expert_load_cv_mean": float(cv.mean()), "expert_load_cv_max": float(cv.max()),
+            "expert_load_per_layer": [{"min": int(row.min()), "max": int(row.max()), "cv": round(float(c), 4)}
+                                      for row, c in zip(stacked, cv)]}
+
+
+class TensorBoard:
+    """Scalars to ``checkpoint.dir/tensorboard`` on rank 0, when the tensorboard package is installed."""
+
+    def __init__(self, directory: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(directory))
+            except ImportError:
+                pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+        for i, layer in enumerate(record.get("expert_load_per_layer", [])):
+            self.writer.add_scalar(f"experts/layer{i}_cv", layer["cv"], record["step"])
+        self.writer.flush()
 
 
 def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
@@ -122,6 +149,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     history = []
+    board = TensorBoard(ckpt_dir / "tensorboard", cfg.log.tensorboard and rank == 0)
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -159,9 +187,12 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         if rank == 0:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            board.write(record)
             if (step + 1) % cfg.log.every == 0:
+                eta = (cfg.steps - step - 1) * elapsed
                 log(f"step {step + 1}/{cfg.steps} loss {record['loss']:.4f} lr {lr:.2e} "
-                    f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s")
+                    f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
+                    f"experts cv {record.get('expert_load_cv_mean', 0):.2f} eta {eta:.0f}s")
         if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
                                    client_state={"step": step + 1, "sampler": asdict(sampler.state)})
