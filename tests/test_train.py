@@ -160,3 +160,32 @@ def test_bad_configs_fail_before_training(clean_run, tmp_path, change, message):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_unused_experts_still_get_gradients():
+    """A rank whose tokens skip an expert must still produce that expert's (zero) gradient, or the
+    data-parallel reduction posts mismatched collectives (seen as a gloo abort at ep_size 1 on 2 ranks)."""
+    from model import JambaConfig
+    from model.layers.feedforward import MoE
+    from train.expert_parallel import expert_parallel_forward, make_expert_parallel_moe
+
+    cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-tiny.yaml")
+    moe = MoE(cfg)
+    layer = make_expert_parallel_moe(moe, ep_size=1)
+    layer._full = None  # single process: build the local experts without DeepSpeed's groups
+    from train.expert_parallel import _Expert
+
+    for e in range(cfg.n_experts):
+        layer.deepspeed_moe.experts.deepspeed_experts.append(_Expert(moe.gate_up[e], moe.down[e], "ep_size_1"))
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = layer.router.weight[1, 0] = 10.0  # every token -> experts 0 and 1
+    x = torch.ones(1, 5, cfg.d_model)
+    out, router = expert_parallel_forward(layer, x)
+    out.sum().backward()
+    assert router.counts.tolist()[2:] == [0, 0]
+    for e, expert in enumerate(layer.local_experts()):
+        assert expert.gate_up.grad is not None and expert.down.grad is not None, e
+    assert float(layer.local_experts()[3].gate_up.grad.abs().sum()) == 0.0
+    want, _ = moe(x)
+    assert torch.allclose(out, want, atol=1e-6)

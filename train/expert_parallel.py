@@ -133,15 +133,21 @@ def expert_parallel_forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, Route
     regroup = torch.argsort(expert_of, stable=True)
     grouped = received[regroup]
     outs, start = [], 0
+    unused = flat.new_zeros(())
     for e, n in enumerate(recv_counts.sum(0).tolist()):
+        expert = layer.local_experts()[e]
         if n:
-            outs.append(layer.local_experts()[e](grouped[start:start + n]))
+            outs.append(expert(grouped[start:start + n]))
             start += n
+        else:
+            # An expert that got no token this step must still get a (zero) gradient: ranks whose gradient
+            # lists differ would post mismatched collectives in the data-parallel reduction and abort.
+            unused = unused + 0.0 * (expert.gate_up.sum() + expert.down.sum())
     computed = torch.cat(outs) if outs else grouped.new_zeros(0, flat.shape[1])
     back = torch.zeros_like(computed).index_copy(0, regroup, computed) if computed.shape[0] else computed
     returned = _all_to_all(back, in_splits, out_splits, layer.group) if ep > 1 else back
     returned = returned * weights.reshape(-1)[order, None].to(returned.dtype)
-    out = torch.zeros_like(flat).index_add(0, token_of, returned.to(flat.dtype))
+    out = torch.zeros_like(flat).index_add(0, token_of, returned.to(flat.dtype)) + unused.to(flat.dtype)
     return out.view(shape), RouterOutput(logits=logits, counts=counts)
 
 
