@@ -109,16 +109,22 @@ class CodeReader(Reader):
             self.took(ledger)
             self.errored(ledger, _archive_error(exc))
 
+    def _admit_member(self, name: str, size: int, ledger: Ledger) -> bool:
+        """Count an archive member; False (dropped, with its reason) when it is not a source file to read."""
+        self.took(ledger, 1, size)
+        reason = path_rejection(name)
+        if reason or size > self.max_bytes:
+            self.dropped(ledger, reason or "too_large", size)
+            return False
+        return True
+
     def _tar(self, raw, file: InputFile, repo: str, ledger: Ledger) -> Iterator[Document]:
         with tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 rel = f"{file.rel}!{member.name}"
-                self.took(ledger, 1, member.size)
-                reason = path_rejection(member.name)
-                if reason or member.size > self.max_bytes:
-                    self.dropped(ledger, reason or "too_large", member.size)
+                if not self._admit_member(member.name, member.size, ledger):
                     continue
                 try:
                     fh = tar.extractfile(member)
@@ -139,10 +145,7 @@ class CodeReader(Reader):
                 if info.is_dir():
                     continue
                 rel = f"{file.rel}!{info.filename}"
-                self.took(ledger, 1, info.file_size)
-                reason = path_rejection(info.filename)
-                if reason or info.file_size > self.max_bytes:
-                    self.dropped(ledger, reason or "too_large", info.file_size)
+                if not self._admit_member(info.filename, info.file_size, ledger):
                     continue
                 try:
                     with zf.open(info) as fh:
