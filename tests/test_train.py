@@ -189,3 +189,41 @@ def test_unused_experts_still_get_gradients():
     assert float(layer.local_experts()[3].gate_up.grad.abs().sum()) == 0.0
     want, _ = moe(x)
     assert torch.allclose(out, want, atol=1e-6)
+
+
+def _ep_worker(rank: int, port: int, route_to: int, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import deepspeed as ds
+
+    from model import JambaConfig
+    from model.layers.feedforward import MoE
+    from train.expert_parallel import make_expert_parallel_moe
+
+    ds.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-tiny.yaml")
+    moe = MoE(cfg)
+    with torch.no_grad():  # every token of every rank goes to experts owned by EP rank `route_to`
+        moe.router.weight.zero_()
+        moe.router.weight[2 * route_to, 0] = moe.router.weight[2 * route_to + 1, 0] = 10.0
+    layer = make_expert_parallel_moe(moe, ep_size=2)
+    layer.set_deepspeed_parallelism()
+    x = torch.ones(1, 6, cfg.d_model, requires_grad=True) * (rank + 1)
+    out, _ = layer(x)
+    out.sum().backward()  # would hang or abort if one rank skipped a collective in backward
+    want, _ = moe(x.detach())
+    results[rank] = bool(torch.allclose(out.detach(), want, atol=1e-6))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("route_to", [0, 1])
+def test_a_rank_whose_experts_get_no_tokens_keeps_collectives_matched(route_to):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    ctx = mp.spawn(_ep_worker, args=(_port(), route_to, results), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        assert time.monotonic() < deadline, "expert-parallel backward hung"
+    assert dict(results) == {0: True, 1: True}

@@ -143,7 +143,9 @@ def expert_parallel_forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, Route
             # An expert that got no token this step must still get a (zero) gradient: ranks whose gradient
             # lists differ would post mismatched collectives in the data-parallel reduction and abort.
             unused = unused + 0.0 * (expert.gate_up.sum() + expert.down.sum())
-    computed = torch.cat(outs) if outs else grouped.new_zeros(0, flat.shape[1])
+    # Even with nothing to compute, keep the (empty) result on the autograd graph: the return all-to-all's
+    # backward is a collective, and a rank that skipped it would leave the other ranks waiting.
+    computed = torch.cat(outs) if outs else grouped * 0.0
     back = torch.zeros_like(computed).index_copy(0, regroup, computed) if computed.shape[0] else computed
     returned = _all_to_all(back, in_splits, out_splits, layer.group) if ep > 1 else back
     returned = returned * weights.reshape(-1)[order, None].to(returned.dtype)
