@@ -38,7 +38,7 @@ demo: install
 	  --set "data.runs=[$(DEMO_OUT)]" --set checkpoint.dir=$(DEMO_TRAIN)
 	$(PY) -m train.plot $(DEMO_TRAIN)/metrics.jsonl --out $(DEMO_TRAIN)/loss.png
 	$(PY) -m model generate --checkpoint $(DEMO_TRAIN)/final/hf --tokenizer $(DEMO_OUT)/tokenizer/tokenizer.json \
-	  --prompt "The " --max-new-tokens 20
+	  --prompt "The " --max-new-tokens 30 --temperature 0.8 --top-p 0.95
 	@echo "trained checkpoint: $(DEMO_TRAIN)/final (native) and $(DEMO_TRAIN)/final/hf (Hugging Face); loss curve: $(DEMO_TRAIN)/loss.png"
 
 test: install
