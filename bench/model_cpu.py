@@ -40,10 +40,7 @@ def worker(impl: str, checkpoint: str, seq: int, batch: int, steps: int) -> dict
     times = []
     for i in range(steps + 1):
         started = time.perf_counter()
-        if impl == "ours":
-            loss = model(ids, labels=ids, output_router_logits=True).loss
-        else:
-            loss = model(ids, labels=ids, output_router_logits=True).loss
+        loss = model(ids, labels=ids, output_router_logits=True).loss  # same call for both
         loss.backward()
         model.zero_grad(set_to_none=True)
         if i:  # the first step warms up allocators and caches

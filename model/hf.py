@@ -140,7 +140,7 @@ def load_state_into(model: Jamba, state: dict[str, torch.Tensor], source: str) -
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(f"{source}: unexpected key {extra[0]}")
-    model.load_state_dict({k: v for k, v in state.items()}, strict=True)
+    model.load_state_dict(state, strict=True)
 
 
 def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Jamba:

@@ -77,21 +77,17 @@ def _block(x, dt, A, B, C, h0, seg, seg_prev, T: int):
     if dtype is None:  # pathological decay: fall back to one-token chunks, which need no exp(-S)
         return _block(x, dt, A, B, C, h0, seg, seg_prev, 1)
     v = ((dt * x)[..., None] * B.transpose(1, 2)[:, None]).view(b, d, nc, T, n)
+    start = _segment_starts(seg, seg_prev, T) if seg is not None else None      # [b, nc, T]
     if T == 1:
         hloc = v
     else:
         S_, v_ = S.to(dtype), v.to(dtype)
         acc = torch.cumsum(torch.exp(-S_) * v_, dim=3)
-        if seg is not None:
-            start = _segment_starts(seg, seg_prev, T)                              # [b, nc, T]
+        if start is not None:
             idx = (start - 1).clamp(min=0)[:, None, :, :, None].expand(b, d, nc, T, n)
             acc = acc - torch.gather(acc, 3, idx) * (start >= 1)[:, None, :, :, None].to(dtype)
         hloc = (torch.exp(S_) * acc).to(torch.float32)
-    if seg is not None:
-        start = _segment_starts(seg, seg_prev, T) if T > 1 else _segment_starts(seg, seg_prev, 1)
-        carry_ok = (start < 0)[:, None, :, :, None].to(torch.float32)           # [b, 1, nc, T, 1]
-    else:
-        carry_ok = None
+    carry_ok = (start < 0)[:, None, :, :, None].to(torch.float32) if start is not None else None  # [b,1,nc,T,1]
     decay_end = torch.exp(S[:, :, :, -1])                                        # [b, d, nc, n]
     entering = []
     H = h0

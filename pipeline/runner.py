@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -250,6 +249,3 @@ def _short_error(exc: BaseException) -> str:
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
     return text[-1][:300] if text else type(exc).__name__
 
-
-def clean_run_dir(run_dir: Path) -> None:
-    shutil.rmtree(run_dir, ignore_errors=True)

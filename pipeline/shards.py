@@ -191,18 +191,22 @@ class ShardReader:
         for i in range(self.num_batches):
             yield self._reader.get_batch(i)
 
-    def token_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Per record batch: (all token ids concatenated, document boundary offsets), both zero-copy.
+    def batch_tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Record batch ``index``: (all token ids concatenated, document boundary offsets), zero-copy.
 
         ``offsets`` has one more entry than there are documents; document ``i`` is
         ``tokens[offsets[i]:offsets[i+1]]`` and ends with EOS. Offsets are rebased to start at 0.
         """
-        for batch in self.batches():
-            col = batch.column("tokens")
-            offsets = col.offsets.to_numpy(zero_copy_only=True)
-            values = col.values.to_numpy(zero_copy_only=True)
-            start, end = int(offsets[0]), int(offsets[-1])
-            yield values[start:end], offsets - start
+        col = self._reader.get_batch(index).column("tokens")
+        offsets = col.offsets.to_numpy(zero_copy_only=True)
+        values = col.values.to_numpy(zero_copy_only=True)
+        start, end = int(offsets[0]), int(offsets[-1])
+        return values[start:end], offsets - start
+
+    def token_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``batch_tokens`` for every record batch, in order."""
+        for i in range(self.num_batches):
+            yield self.batch_tokens(i)
 
     def documents(self) -> Iterator[tuple[str, str, np.ndarray]]:
         """(id, source_kind, tokens) per document; ``tokens`` is a view into the mapped file."""

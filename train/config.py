@@ -98,16 +98,12 @@ def load_train_config(path: str | os.PathLike[str], overrides: dict[str, Any] | 
         msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         msg = msg.removeprefix("Value error, ")
         raise TrainConfigError(f"{path}: {loc or '<root>'}: {msg}") from None
-    base = path.parent
-    cfg.model = str(_resolve(cfg.model, base))
-    cfg.data.runs = [str(_resolve(r, base)) for r in cfg.data.runs]
-    cfg.checkpoint.dir = str(_resolve(cfg.checkpoint.dir, base))
+    # ~ and $VARS expand; relative paths are relative to the working directory (the repository root)
+    cfg.model = _expand(cfg.model)
+    cfg.data.runs = [_expand(r) for r in cfg.data.runs]
+    cfg.checkpoint.dir = _expand(cfg.checkpoint.dir)
     return cfg
 
 
-def _resolve(value: str, base: Path) -> Path:
-    p = Path(os.path.expandvars(os.path.expanduser(value)))
-    if p.is_absolute() or p.exists():
-        return p
-    # relative paths are relative to the working directory (the repository root in the examples)
-    return p
+def _expand(value: str) -> str:
+    return os.path.expandvars(os.path.expanduser(value))

@@ -70,10 +70,7 @@ class SourceStream:
         reader = self._readers.get(piece.path)
         if reader is None:
             reader = self._readers[piece.path] = ShardReader(piece.path)
-        col = reader._reader.get_batch(piece.batch).column("tokens")  # noqa: SLF001 - same package family
-        offsets = col.offsets.to_numpy(zero_copy_only=True)
-        values = col.values.to_numpy(zero_copy_only=True)
-        return values[offsets[0]:offsets[-1]]
+        return reader.batch_tokens(piece.batch)[0]
 
 
 def load_streams(run_dirs: list[str | Path], model_vocab: int, sources: dict[str, float] | None = None
@@ -170,13 +167,17 @@ class MixtureSampler:
             self._perm_cache = {key: np.random.default_rng([self.seed, 2, self.names.index(name), epoch]).permutation(n)}
         return int(self._perm_cache[key][within])
 
-    def next(self) -> tuple[str, np.ndarray]:
-        """The next global sample: (source, ``seq_len + 1`` tokens)."""
+    def draw(self) -> tuple[str, int]:
+        """Advance to the next global sample: (source, first token of its window); no token is read."""
         name = self._source_of(self.state.drawn)
         k = self.state.per_source[name]
         self.state.per_source[name] = k + 1
         self.state.drawn += 1
-        start = self._window_index(name, k) * self.window
+        return name, self._window_index(name, k) * self.window
+
+    def next(self) -> tuple[str, np.ndarray]:
+        """The next global sample: (source, ``seq_len + 1`` tokens)."""
+        name, start = self.draw()
         return name, self.streams[name].window(start, self.window)
 
 
@@ -207,13 +208,14 @@ class RankLoader:
     def next_batch(self) -> Batch:
         rows, names = [], []
         for _ in range(self.micro_batch):
-            mine = None
-            for r in range(self.world):  # every rank advances the shared sampler identically
-                sample = self.sampler.next()
+            # every rank advances the shared sampler identically, reading only its own window
+            for r in range(self.world):
                 if r == self.rank:
-                    mine = sample
-            names.append(mine[0])
-            rows.append(mine[1].astype(np.int64))
+                    name, tokens = self.sampler.next()
+                else:
+                    self.sampler.draw()
+            names.append(name)
+            rows.append(tokens.astype(np.int64))
         windows = np.stack(rows)
         inputs, targets = windows[:, :-1], windows[:, 1:].copy()
         segment = np.stack([segments_from_eos(w, self.eos_id) for w in inputs])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -61,8 +60,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def flops_per_token(model_cfg) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward), active parameters only:
-    6 * (active matmul parameters) + attention's 12 * layers_attn * d_model * seq (added by the caller)."""
+    """Training FLOPs per token (forward + backward = 3 x forward) of the active non-embedding parameters;
+    attention's sequence-dependent term is not included yet."""
     from model.params import count_parameters
 
     counts = count_parameters(model_cfg)
@@ -217,6 +216,3 @@ def export(module: torch.nn.Module, model_cfg, out: Path, rank: int) -> Path:
     torch.distributed.barrier()
     return out
 
-
-def main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
