@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -20,11 +19,12 @@ from model.layers.attention import Attention
 from model.layers.feedforward import MLP, MoE, load_balancing_loss, router_z_loss
 from model.layers.mamba import MambaMixer
 from model.layers.norm import RMSNorm
+from model.loss import chunked_lm_loss, lm_loss
 
 
 @dataclass
 class JambaOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None                # None when the loss was computed in chunks (``loss_chunk``)
     loss: torch.Tensor | None = None          # LM loss (+ aux and z terms when requested)
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -102,8 +102,11 @@ class Jamba(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 segment: torch.Tensor | None = None, cache: HybridCache | None = None,
-                output_router_logits: bool = False, token_mask: torch.Tensor | None = None) -> JambaOutput:
-        """input_ids [b, L]. ``labels`` are aligned with ``input_ids`` (shifted here; -100 = ignore).
+                output_router_logits: bool = False, token_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, loss_chunk: int = 0) -> JambaOutput:
+        """input_ids [b, L]. ``labels`` are aligned with ``input_ids`` (shifted here; -100 = ignore);
+        ``targets`` are already shifted (position t predicts targets[t]). With ``targets`` and ``loss_chunk``
+        > 0 the loss is computed ``loss_chunk`` tokens at a time and no full logits tensor is made.
 
         ``segment`` [b, L]: document ids of a packed sequence; attention stays within a document and the
         pure-PyTorch Mamba path resets its state at each new document. ``cache``: prefill or decode.
@@ -122,16 +125,22 @@ class Jamba(nn.Module):
                 counts.append(count)
         if cache is not None:
             cache.seen += input_ids.shape[1]
-        logits = self.lm_head(self.final_layernorm(h))
-        out = JambaOutput(logits=logits, router_logits=router_logits if output_router_logits else [],
+        h = self.final_layernorm(h)
+        if targets is not None and loss_chunk > 0:
+            logits = None
+            lm = chunked_lm_loss(h, self.lm_head.weight, targets, loss_chunk)
+        else:
+            logits = self.lm_head(h)
+            lm = lm_loss(logits, targets) if targets is not None else None
+        out = JambaOutput(logits=logits, lm_loss=lm, router_logits=router_logits if output_router_logits else [],
                           expert_counts=counts)
         if output_router_logits and router_logits:
             out.aux_loss = load_balancing_loss(router_logits, self.cfg.n_experts, self.cfg.top_k, token_mask)
             if self.cfg.router_z_loss_coef > 0:
                 out.z_loss = router_z_loss(router_logits)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                          labels[:, 1:].reshape(-1), ignore_index=-100)
+            out.lm_loss = lm_loss(logits[:, :-1], labels[:, 1:])
+        if out.lm_loss is not None:
             out.loss = out.lm_loss
             if out.aux_loss is not None:
                 out.loss = out.loss + self.cfg.router_aux_loss_coef * out.aux_loss

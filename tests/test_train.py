@@ -24,23 +24,28 @@ deepspeed = pytest.importorskip("deepspeed")
 STEPS = 8
 
 
-def train_config(tmp: Path, run_dir: Path, name: str, **parallel) -> Path:
+PEAK_TFLOPS = 0.5  # a stated device peak, so that MFU is reported on CPU
+
+
+def train_config(tmp: Path, run_dir: Path, name: str, model: str | None = None, steps: int = STEPS,
+                 seq_len: int = 128, **parallel) -> Path:
     cfg = {
-        "model": str(ROOT / "configs/model/jamba-tiny.yaml"),
-        "data": {"runs": [str(run_dir)], "seq_len": 128, "pack": "boundaries", "seed": 3},
-        "steps": STEPS,
+        "model": model or str(ROOT / "configs/model/jamba-tiny.yaml"),
+        "data": {"runs": [str(run_dir)], "seq_len": seq_len, "pack": "boundaries", "seed": 3},
+        "steps": steps,
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "schedule": "cosine"},
         "parallel": {"ep_size": 2, "zero_stage": 1, "micro_batch": 2, "grad_accum": 2, "dtype": "fp32", **parallel},
         "checkpoint": {"dir": str(tmp / name), "every": 2},
+        "log": {"peak_tflops": PEAK_TFLOPS},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def launch(config: Path, **popen) -> subprocess.Popen:
+def launch(config: Path, env: dict | None = None, **popen) -> subprocess.Popen:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([launcher, "--num_gpus", "2", "--master_port", str(_port()), "--module", "train",
                              "--config", str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
@@ -54,8 +59,8 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def run(config: Path) -> str:
-    proc = launch(config)
+def run(config: Path, env: dict | None = None) -> str:
+    proc = launch(config, env)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -81,6 +86,13 @@ def test_loss_decreases_on_pipeline_shards(ep2_run):
     assert sorted(rec) == list(range(1, STEPS + 1))
     assert rec[STEPS]["loss"] < rec[1]["loss"] - 0.5
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rec.values())
+    from model import JambaConfig
+    from model.flops import training_flops_per_token
+
+    fpt = training_flops_per_token(JambaConfig.from_yaml(ROOT / "configs/model/jamba-tiny.yaml"), 128)
+    for r in rec.values():
+        assert r["model_flops_per_s"] == pytest.approx(fpt * r["tokens_per_s"])
+        assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / (2 * PEAK_TFLOPS * 1e12))
     assert rec[1]["expert_load_max"] >= rec[1]["expert_load_min"] >= 0
     layers = rec[1]["expert_load_per_layer"]
     assert len(layers) == 4 and all(layer["max"] >= layer["min"] for layer in layers)
@@ -131,6 +143,58 @@ def test_exported_checkpoint_loads_in_transformers(ep2_run):
         want = ours(ids).logits
         assert ((hf(ids).logits - want).abs().max() / want.abs().max()).item() < 1e-4
         assert torch.equal(again(ids).logits, want)
+
+
+def test_export_cli_gathers_experts_by_global_id(ep2_run, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = ep2_run / "ep2"
+    proc = subprocess.run([sys.executable, "-m", "train", "export", "--checkpoint", str(ckpt), "--to-hf",
+                           str(tmp_path / "hf"), "--native", str(tmp_path / "native")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["step"] == STEPS
+    # the final export was gathered in memory by the ranks at the same step: the same tensors
+    ours, theirs = load_file(tmp_path / "hf/model.safetensors"), load_file(ckpt / "final/hf/model.safetensors")
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # global expert 3 of the first MoE layer was EP rank 1's local expert 1
+    rank1 = torch.load(ckpt / f"step{STEPS}" / "layer_0_expert_3_mp_rank_00_model_states.pt", weights_only=True)
+    down = next(v for k, v in rank1.items() if k.endswith(".down"))
+    assert torch.equal(load_file(tmp_path / "native/model.safetensors")["layers.1.feed_forward.down"][3], down)
+    # a checkpoint missing an expert is refused, naming it
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt / f"step{STEPS}", broken / "t")
+    (broken / "t" / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
+    (broken / "latest").write_text("t")
+    proc = subprocess.run([sys.executable, "-m", "train", "export", "--checkpoint", str(broken), "--to-hf",
+                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "experts [2] are missing" in proc.stderr
+
+
+@pytest.mark.parametrize(("vocab", "variant"), [
+    (16384, {"zero_stage": 1}),   # a model vocabulary larger than the shards' tokenizer: logits weigh
+    (2048, {"zero_stage": 2, "activation_checkpointing": True, "loss_chunk_tokens": 512}),
+])
+def test_memory_plan_within_25_percent_of_measured_peak(clean_run, tmp_path, vocab, variant):
+    """Peak resident memory above the pre-model baseline, per rank, against the plan (no framework term).
+    Large allocations are mmap-ed so that freed tensors leave the resident set, as CUDA's allocator
+    statistics would show them."""
+    from model import JambaConfig
+    from train.config import load_train_config
+    from train.plan import plan_memory
+
+    model = yaml.safe_load((ROOT / "configs/model/jamba-demo.yaml").read_text())
+    model["vocab_size"] = vocab
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(model))
+    config = train_config(tmp_path, clean_run[0], "mem", model=str(tmp_path / "model.yaml"), steps=2,
+                          seq_len=256, micro_batch=8, grad_accum=1, **variant)
+    run(config, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    measured = max(r["peak_mem_bytes"] for r in losses(tmp_path / "mem").values())
+    cfg = load_train_config(config)
+    plan = plan_memory(cfg, JambaConfig.from_yaml(cfg.model), world=2, expert_imbalance=1.0)
+    print(f"memory plan {plan.total / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, "
+          f"ratio {plan.total / measured:.3f}")
+    assert abs(plan.total / measured - 1) <= 0.25, (plan.summary(), measured)
 
 
 @pytest.mark.parametrize(("change", "message"), [

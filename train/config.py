@@ -45,6 +45,10 @@ class ParallelConfig(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     dtype: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
+    loss_chunk_tokens: int = Field(default=0, ge=0)   # > 0: LM head + loss this many tokens at a time
+    deepspeed: str | None = None          # configs/deepspeed/*.json: ZeRO buckets, comm overlap, ...
+    memory_check: bool = True             # on CUDA, refuse to start when the memory plan does not fit
+    expert_imbalance: float = Field(default=1.5, ge=1.0)   # memory plan: most-loaded EP rank / mean
 
     @model_validator(mode="after")
     def _no_zero3_with_moe(self) -> ParallelConfig:
@@ -63,10 +67,12 @@ class CheckpointConfig(_Strict):
 class LogConfig(_Strict):
     every: int = Field(default=1, ge=1)
     tensorboard: bool = True
+    peak_tflops: float | None = Field(default=None, gt=0)  # per device, for MFU; known GPUs are detected
 
 
 class TrainConfig(_Strict):
     model: str                                         # a configs/model/*.yaml
+    init_from: str | None = None                       # native or HF checkpoint to start from (not on resume)
     data: DataConfig
     steps: int = Field(ge=1)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -100,9 +106,47 @@ def load_train_config(path: str | os.PathLike[str], overrides: dict[str, Any] | 
         raise TrainConfigError(f"{path}: {loc or '<root>'}: {msg}") from None
     # ~ and $VARS expand; relative paths are relative to the working directory (the repository root)
     cfg.model = _expand(cfg.model)
+    if cfg.init_from:
+        cfg.init_from = _expand(cfg.init_from)
     cfg.data.runs = [_expand(r) for r in cfg.data.runs]
     cfg.checkpoint.dir = _expand(cfg.checkpoint.dir)
+    if cfg.parallel.deepspeed:
+        cfg.parallel.deepspeed = _expand(cfg.parallel.deepspeed)
+        _check_deepspeed_json(path, cfg)
     return cfg
+
+
+# Keys the YAML owns; a DeepSpeed JSON may repeat them only with the same value.
+_OWNED = {"train_micro_batch_size_per_gpu": lambda c: c.parallel.micro_batch,
+          "gradient_accumulation_steps": lambda c: c.parallel.grad_accum,
+          "gradient_clipping": lambda c: c.optim.grad_clip,
+          "zero_optimization.stage": lambda c: c.parallel.zero_stage,
+          "bf16.enabled": lambda c: c.parallel.dtype == "bf16"}
+_REFUSED = ("optimizer", "scheduler", "train_batch_size", "fp16")
+
+
+def _check_deepspeed_json(path: Path, cfg: TrainConfig) -> None:
+    import json
+
+    where = f"{path}: parallel.deepspeed"
+    try:
+        extra = json.loads(Path(cfg.parallel.deepspeed).read_text())
+    except OSError as exc:
+        raise TrainConfigError(f"{where}: cannot read {cfg.parallel.deepspeed}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise TrainConfigError(f"{where}: {cfg.parallel.deepspeed} is not valid JSON: {exc}") from None
+    if not isinstance(extra, dict):
+        raise TrainConfigError(f"{where}: {cfg.parallel.deepspeed} must hold a JSON object")
+    for key in _REFUSED:
+        if key in extra:
+            raise TrainConfigError(f"{where}: {key}: set by the trainer (optim.* / parallel.*), remove it from the JSON")
+    for dotted, value_of in _OWNED.items():
+        node: Any = extra
+        for part in dotted.split("."):
+            node = node.get(part, None) if isinstance(node, dict) else None
+        if node is not None and node != value_of(cfg):
+            raise TrainConfigError(f"{where}: {dotted} is {node!r} in the JSON but {value_of(cfg)!r} in the YAML; "
+                                   f"set it in one place")
 
 
 def _expand(value: str) -> str:

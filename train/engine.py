@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from train.config import TrainConfig
 
@@ -39,16 +38,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """DeepSpeed's config: the optional ``parallel.deepspeed`` JSON (ZeRO buckets, overlap, ...) under the
+    keys the YAML owns (checked to agree when loading)."""
+    from train.plan import load_deepspeed_extra
+
     p = cfg.parallel
-    return {
+    ds = load_deepspeed_extra(p.deepspeed)
+    ds.update({
         "train_micro_batch_size_per_gpu": p.micro_batch,
         "gradient_accumulation_steps": p.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": p.zero_stage},
-        "bf16": {"enabled": p.dtype == "bf16"},
+        "bf16": {**ds.get("bf16", {}), "enabled": p.dtype == "bf16"},
         "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
+    })
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": p.zero_stage}
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -59,13 +64,56 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 
 
-def flops_per_token(model_cfg) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward) of the active non-embedding parameters;
-    attention's sequence-dependent term is not included yet."""
-    from model.params import count_parameters
+def peak_flops_per_device(cfg: TrainConfig) -> float | None:
+    """``log.peak_tflops`` if set, else the known dense bf16 peak of this CUDA device, else None."""
+    from model.flops import device_peak_flops
 
-    counts = count_parameters(model_cfg)
-    return 6.0 * (counts["active"] - counts["part_embedding"])
+    if cfg.log.peak_tflops:
+        return cfg.log.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        return device_peak_flops(torch.cuda.get_device_name())
+    return None
+
+
+class PeakMemory:
+    """Peak memory of this rank: CUDA's allocator peak, or on CPU the resident-set high-water mark above
+    the baseline taken when the object is made (before the model exists)."""
+
+    def __init__(self) -> None:
+        self.baseline = 0 if torch.cuda.is_available() else _vm_hwm()
+
+    def peak(self) -> int:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated()
+        return max(0, _vm_hwm() - self.baseline)
+
+
+def _vm_hwm() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def check_memory_plan(cfg: TrainConfig, model_cfg, world: int):
+    """On CUDA, the memory plan against this GPU; a plan that does not fit stops the run before it starts."""
+    from train.plan import DEFAULT_OVERHEAD_CUDA, load_deepspeed_extra, plan_memory
+
+    if not torch.cuda.is_available():
+        return None
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    plan = plan_memory(cfg, model_cfg, world, capacity, DEFAULT_OVERHEAD_CUDA, cfg.parallel.expert_imbalance,
+                       kernels=True, deepspeed_extra=load_deepspeed_extra(cfg.parallel.deepspeed))
+    if not plan.fits and cfg.parallel.memory_check:
+        raise ValueError("the memory plan does not fit this GPU (set parallel.memory_check: false to try "
+                         "anyway):\n" + plan.summary())
+    return plan
 
 
 def expert_load(counts: list[torch.Tensor]) -> dict[str, Any]:
@@ -110,6 +158,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from model import Jamba, JambaConfig
+    from model.flops import training_flops_per_token
     from train.data import MixtureSampler, RankLoader, SamplerState, load_streams
     from train.expert_parallel import apply_expert_parallel
 
@@ -121,9 +170,23 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     if model_cfg.n_experts % cfg.parallel.ep_size:
         raise ValueError(f"parallel.ep_size: {cfg.parallel.ep_size} does not divide n_experts {model_cfg.n_experts}")
     streams, tokenizer = load_streams(cfg.data.runs, model_cfg.vocab_size, cfg.data.weights)
+    if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
+        raise ValueError(f"init_from: {cfg.init_from} is not a checkpoint directory (no config.json)")
+    plan = check_memory_plan(cfg, model_cfg, world)
+    if plan is not None and rank == 0:
+        log(plan.summary())
+    memory = PeakMemory()
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = Jamba(model_cfg)
+    if cfg.init_from and not (Path(cfg.checkpoint.dir) / "latest").exists():
+        from model.hf import load_any, load_state_into
+
+        start_from = load_any(cfg.init_from)
+        if start_from.cfg.to_dict() != model_cfg.to_dict():
+            raise ValueError(f"init_from: {cfg.init_from} has a different model config than {cfg.model}")
+        load_state_into(model, start_from.state_dict(), cfg.init_from)
+        del start_from
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     apply_expert_parallel(model, cfg.parallel.ep_size)
     groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg.optim.weight_decay))
@@ -142,7 +205,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         log(f"resumed from {ckpt_dir} at step {start}") if rank == 0 else None
 
     device = engine.device
-    fpt = flops_per_token(model_cfg)
+    fpt = training_flops_per_token(model_cfg, cfg.data.seq_len)
+    peak = peak_flops_per_device(cfg)
     tokens_per_step = cfg.data.seq_len * cfg.parallel.micro_batch * cfg.parallel.grad_accum * world
     metrics_path = ckpt_dir / "metrics.jsonl"
     if rank == 0:
@@ -161,9 +225,9 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
             targets = torch.from_numpy(batch.targets).to(device)
             segment = torch.from_numpy(batch.segment).to(device) if cfg.data.pack == "boundaries" else None
             # DeepSpeed holds the parameters in bf16 when bf16 is enabled (fp32 master copies in the optimizer)
-            out = engine(ids, segment=segment, output_router_logits=True)
-            lm = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
-                                 ignore_index=-100)
+            out = engine(ids, segment=segment, output_router_logits=True, targets=targets,
+                         loss_chunk=cfg.parallel.loss_chunk_tokens)
+            lm = out.lm_loss
             loss = lm
             if out.aux_loss is not None:
                 loss = loss + model_cfg.router_aux_loss_coef * out.aux_loss
@@ -181,7 +245,9 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                   "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
                   "aux_loss": sum(auxes) / len(auxes) if auxes else None, **expert_load(counts or [])}
-        record["mfu_flops_per_s"] = fpt * record["tokens_per_s"]
+        record["model_flops_per_s"] = fpt * record["tokens_per_s"]
+        record["mfu"] = record["model_flops_per_s"] / (world * peak) if peak else None
+        record["peak_mem_bytes"] = memory.peak()
         history.append(record)
         if rank == 0:
             with open(metrics_path, "a") as fh:
@@ -191,10 +257,13 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                 eta = (cfg.steps - step - 1) * elapsed
                 log(f"step {step + 1}/{cfg.steps} loss {record['loss']:.4f} lr {lr:.2e} "
                     f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
+                    + (f"mfu {100 * record['mfu']:.1f}% " if record["mfu"] is not None else "")
+                    + f"mem {record['peak_mem_bytes'] / 2**30:.2f}GiB "
                     f"experts cv {record.get('expert_load_cv_mean', 0):.2f} eta {eta:.0f}s")
         if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
-                                   client_state={"step": step + 1, "sampler": asdict(sampler.state)})
+                                   client_state={"step": step + 1, "sampler": asdict(sampler.state),
+                                                 "model_config": asdict(model_cfg)})
     export_dir = export(engine.module, model_cfg, ckpt_dir / "final", rank)
     if rank == 0:
         log(f"exported {export_dir} (native) and {export_dir / 'hf'} (Hugging Face)")

@@ -1,0 +1,150 @@
+"""The memory plan: per-layer activation bytes against autograd's saved tensors, ZeRO / expert-data-parallel
+partitioning arithmetic, the H100 launch configs, the CLI's verdicts, and DeepSpeed JSON checks.
+(The whole-plan cross-check against measured peak memory runs in tests/test_train.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import Jamba, JambaConfig
+from model.params import count_parameters
+from tests.test_model import ROOT
+from train.config import TrainConfigError, load_train_config
+from train.plan import GIB, layer_activation_bytes, parse_size, plan_memory
+
+H100 = ROOT / "configs/train/jamba-v0.1-h100.yaml"
+H100_LONG = ROOT / "configs/train/jamba-v0.1-h100-long.yaml"
+
+
+def _saved_bytes_per_token(layer, h, segment) -> float:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(h, segment, None, False)
+    return sum(seen.values()) / (h.shape[0] * h.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("boundaries", [False, True])
+def test_layer_activation_estimate_matches_saved_tensors(dtype, boundaries):
+    torch.manual_seed(0)
+    cfg = JambaConfig(vocab_size=512, d_model=128, n_blocks=1, n_experts=8, ffn_dim=384, n_heads=4, n_kv_heads=2,
+                      mamba_dt_rank=8)
+    model = Jamba(cfg).to(dtype)
+    b, L = 2, 384
+    segment = torch.tensor([0] * 100 + [1] * (L - 100)).repeat(b, 1) if boundaries else None
+    for i in (0, 1, 4):  # Mamba + MLP, Mamba + MoE, attention + MLP
+        h = torch.randn(b, L, cfg.d_model, dtype=dtype, requires_grad=True)
+        measured = _saved_bytes_per_token(model.layers[i], h, segment)
+        estimate = layer_activation_bytes(cfg, i, 2 if dtype == torch.bfloat16 else 4, L, boundaries)
+        assert abs(estimate / measured - 1) < 0.15, (i, estimate, measured)
+
+
+def test_partitioning_arithmetic():
+    cfg = load_train_config(H100)
+    model_cfg = JambaConfig.from_yaml(cfg.model)
+    counts = count_parameters(model_cfg)
+    experts = counts["part_moe_experts"]
+    dense = counts["total"] - experts
+    plan = plan_memory(cfg, model_cfg, world=128)
+    assert (plan.ep_size, plan.edp_size, plan.dp_size) == (8, 16, 128)
+    assert plan.params_expert_local == experts // 8 and plan.params_dense == dense
+    assert plan.terms["weights"] == 2 * (dense + experts // 8)                  # bf16
+    partition = dense / 128 + (experts // 8) / 16
+    assert plan.terms["master weights (fp32)"] == int(4 * partition)
+    assert plan.terms["Adam moments (fp32)"] == int(8 * partition)
+    assert plan.terms["gradients (partition)"] == int(2 * partition)           # ZeRO-2
+    zero1 = load_train_config(H100, {"parallel.zero_stage": 1})
+    assert plan_memory(zero1, model_cfg, 128).terms["gradients"] == 2 * (dense + experts // 8)
+    # twice the nodes: expert optimizer states halve, expert weights do not
+    wide = plan_memory(cfg, model_cfg, world=256)
+    assert wide.terms["weights"] == plan.terms["weights"]
+    assert wide.terms["Adam moments (fp32)"] == int(8 * (dense / 256 + (experts // 8) / 32))
+
+
+def test_activation_checkpointing_and_chunked_loss_shrink_activations():
+    model_cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
+    base = {"parallel.activation_checkpointing": False, "parallel.loss_chunk_tokens": 0}
+    plain = plan_memory(load_train_config(H100, base), model_cfg, 128)
+    ckpt = plan_memory(load_train_config(H100, {**base, "parallel.activation_checkpointing": True}), model_cfg, 128)
+    chunked = plan_memory(load_train_config(H100), model_cfg, 128)
+    assert plain.terms["activations"] > 5 * ckpt.terms["activations"] > 5 * chunked.terms["activations"]
+    assert plain.total > 80 * GIB
+
+
+def test_h100_configs_fit_on_128_gpus_but_not_on_one_node():
+    model_cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
+    for path in (H100, H100_LONG):
+        cfg = load_train_config(path)
+        assert plan_memory(cfg, model_cfg, 128, parse_size("80GB"), 3 * GIB, kernels=True).fits
+        assert not plan_memory(cfg, model_cfg, 8, parse_size("80GB"), 3 * GIB, kernels=True).fits
+
+
+def _plan_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", "plan", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_plan_cli_verdicts():
+    ok = _plan_cli("--config", str(H100), "--gpus", "128", "--gpu-memory", "80GB", "--json")
+    assert ok.returncode == 0, ok.stderr
+    plan = json.loads(ok.stdout)
+    assert plan["fits"] and plan["total"] <= plan["capacity"] == 80 * 10**9
+    too_long = _plan_cli("--config", str(H100), "--gpus", "128", "--set", "data.seq_len=131072")
+    assert too_long.returncode == 3 and "DOES NOT FIT" in too_long.stdout and "activations" in too_long.stdout
+    bad = _plan_cli("--config", str(H100), "--gpus", "12")
+    assert bad.returncode == 2 and "ep_size: 8 must divide the number of ranks 12" in bad.stderr
+
+
+def test_parse_size():
+    assert parse_size("80GB") == 80 * 10**9 and parse_size("80GiB") == 80 * 2**30
+    assert parse_size("512MB") == 512 * 10**6 and parse_size(1234) == 1234
+    with pytest.raises(ValueError, match="cannot read the size"):
+        parse_size("lots")
+
+
+def test_deepspeed_json_may_not_contradict_the_yaml(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}))
+    with pytest.raises(TrainConfigError, match=r"zero_optimization.stage is 1 in the JSON but 2 in the YAML"):
+        load_train_config(H100, {"parallel.deepspeed": str(ds)})
+    ds.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(TrainConfigError, match=r"parallel.deepspeed: optimizer: set by the trainer"):
+        load_train_config(H100, {"parallel.deepspeed": str(ds)})
+    ds.write_text("{not json")
+    with pytest.raises(TrainConfigError, match=r"is not valid JSON"):
+        load_train_config(H100, {"parallel.deepspeed": str(ds)})
+
+
+@pytest.mark.parametrize("boundaries", [False, True])
+def test_scan_block_keeps_what_the_working_set_assumes(boundaries):
+    """The plan's pure-path scan working set assumes a recomputed block keeps 5.25 (6.25 with document
+    resets) fp32 tensors of [b, d_inner, block, d_state] for its backward."""
+    from model.scan import _block
+
+    b, d, n, L = 2, 32, 16, 256
+    x, dt = torch.randn(b, d, L, requires_grad=True), (torch.rand(b, d, L) * 0.1).requires_grad_()
+    A, B, C, h0 = -torch.rand(d, n), torch.randn(b, n, L), torch.randn(b, n, L), torch.zeros(b, d, n)
+    seg = torch.tensor([0] * 100 + [1] * 156).repeat(b, 1) if boundaries else None
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _block(x, dt, A, B, C, h0, seg, seg[:, 0] if boundaries else None, 32)
+    units = sum(seen.values()) / (b * d * L * n * 4)
+    assert abs(units - (6.25 if boundaries else 5.25)) < 0.25

@@ -1,0 +1,232 @@
+"""Per-GPU memory plan of a training configuration: will it fit, and where the bytes go.
+
+Every term is counted from what this code base and DeepSpeed actually allocate (docs/training.md,
+"Memory plan"), per rank:
+
+* **weights**: the rank's parameters in the model dtype: all non-expert parameters plus
+  ``n_experts / ep_size`` experts per MoE layer (DeepSpeed flattens them; the model's tensors are views);
+* **ZeRO 1/2 optimizer**: fp32 master weights, Adam's two moments and the fp32 gradient of the rank's
+  partition: 16 bytes per parameter, partitioned over the data-parallel group (non-expert parameters) or
+  the expert-data-parallel group (expert parameters, ``world / ep_size`` ranks);
+* **gradients** in the model dtype: every parameter's ``.grad`` under ZeRO-1; only the rank's partition
+  under ZeRO-2; plus the contiguous reduction bucket(s) of ``reduce_bucket_size`` elements (two when
+  ``overlap_comm``);
+* **activations** per micro-batch: bytes kept for backward per token and layer (counted tensor by tensor
+  from the forward passes in ``model/``, checked against autograd's saved tensors in tests), the LM head's
+  logits in fp32 for the loss (or, with ``loss_chunk_tokens``, one chunk of them at a time), and the
+  backward working set; with activation checkpointing, each layer's input plus one layer recomputed;
+* **all-to-all buffers**: expert parallelism's send / receive / return buffers for one MoE layer, scaled by
+  ``expert_imbalance`` (the most-loaded rank receives this times the mean);
+* **framework**: CUDA context, NCCL and allocator reserve (a constant, ``overhead``).
+
+The peak is the larger of the backward peak (weights, optimizer states, gradients, activations) and the
+optimizer-step peak (activations freed, fp32 partition gradients materialised).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from model.config import JambaConfig
+from train.config import TrainConfig
+
+GB, GIB = 10**9, 2**30
+SCAN_BLOCK = 256          # model/scan.py: tokens per checkpointed scan block (one fp32 state kept per block)
+DEFAULT_OVERHEAD_CUDA = 3 * GIB
+
+
+def parse_size(text: str | int | float) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '512MB', or a number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read the size {text!r} (write e.g. 80GB or 80GiB)")
+    power = "_KMGT".index(m.group(2).upper() or "_")
+    return int(float(m.group(1)) * ((1024 if m.group(3) else 1000) ** power))
+
+
+def _norm(dim: int, a: int) -> int:
+    # RMSNorm: float32 input (or its fp32 copy), the normalised value cast back, the weighted output
+    return (4 + 2 * a) * dim
+
+
+def layer_activation_bytes(cfg: JambaConfig, layer: int, act_bytes: int, seq_len: int,
+                           boundaries: bool, kernels: bool = False) -> int:
+    """Bytes autograd keeps for backward, per token, for layer ``layer`` of the model (pure-PyTorch path,
+    or the mamba-ssm kernels' saved inputs when ``kernels``)."""
+    a, d, di, n, r = act_bytes, cfg.d_model, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank
+    fp32_copy = 4 if a != 4 else 0             # x.float() is a new tensor only when x is not fp32
+    total = _norm(d, a) * 2                    # input_layernorm, pre_ff_layernorm
+    if cfg.is_attention(layer):
+        kv = cfg.n_kv_heads * cfg.head_dim
+        # q, k, v, the attention output and its head-merged copy; log-sum-exp per head; the document mask
+        total += 3 * a * d + 2 * a * kv + 4 * cfg.n_heads + (seq_len if boundaries else 0)
+    elif kernels:
+        # in_proj output, conv output, x_proj output and normalised dt/B/C, dt, scan output (kernels keep
+        # their inputs and recompute the rest), gated output
+        total += 2 * a * di + a * di + (a + 4 + 2 * a) * (r + 2 * n) + a * di + 2 * a * di
+    else:
+        total += 2 * a * di                                   # in_proj output (x and z)
+        total += 2 * a * di                                   # conv output, SiLU output
+        if boundaries:
+            total += 2 * a * di                               # the masked conv taps autograd keeps
+        total += a * (r + 2 * n) + _norm(r + 2 * n, a) + 2 * a * n   # x_proj out, dt/B/C norms, B/C copies
+        total += a * di + 4 * di + 4 * di                     # dt_proj out, + bias (fp32), softplus
+        total += fp32_copy * (di + 2 * n)                     # fp32 copies of x, B, C for the scan
+        total += 4 * di * n * 1 // SCAN_BLOCK                 # one fp32 state per checkpointed block
+        total += 3 * a * di + fp32_copy * di                  # scan output, gate, gated output (+ z fp32)
+    if cfg.is_moe(layer):
+        k, E = cfg.top_k, cfg.n_experts
+        total += 2 * a * k * d                                # expert inputs and outputs, per slot
+        total += 4 * a * cfg.ffn_dim * k                      # gate/up (2F), SiLU, product, per slot
+        total += a * E + 4 * E * (2 + (1 if a != 4 else 0)) + a * k + 8 * 4 * k   # router, probs, indices
+    else:
+        total += 4 * a * cfg.ffn_dim                          # gate, up, SiLU, product
+    return total
+
+
+def head_activation_bytes(cfg: JambaConfig, act_bytes: int, chunked: bool) -> int:
+    """Per token: the final norm, and unless the loss is chunked the logits (the output keeps them) and the
+    fp32 log-softmax the loss keeps (a chunked loss keeps only the normalised hidden state)."""
+    a = act_bytes
+    return _norm(cfg.d_model, a) + (0 if chunked else (a + 4) * cfg.vocab_size)
+
+
+def head_working_set_bytes(cfg: JambaConfig, act_bytes: int, chunked: bool) -> int:
+    """Per token of logits alive at once in backward: the gradients of the log-softmax and of the logits,
+    and for a recomputed chunk also its logits, their fp32 copy and log-softmax."""
+    a = act_bytes
+    grads = (4 + a) * cfg.vocab_size
+    return grads + ((a + (4 if a != 4 else 0) + 4) * cfg.vocab_size if chunked else 0)
+
+
+def scan_working_set_bytes(cfg: JambaConfig, micro_batch: int, seq_len: int, boundaries: bool) -> int:
+    """The pure-PyTorch scan's backward: one block of ``[b, d_inner, block, d_state]`` fp32 tensors is
+    recomputed (5 of them kept for its backward, 6 with document resets; measured in tests) while about 3
+    more hold their gradients."""
+    unit = micro_batch * cfg.d_inner * min(seq_len, SCAN_BLOCK) * cfg.mamba_d_state * 4
+    return int((5.25 + (1 if boundaries else 0) + 3) * unit)
+
+
+@dataclass
+class MemoryPlan:
+    world: int
+    ep_size: int
+    dp_size: int
+    edp_size: int
+    zero_stage: int
+    dtype: str
+    tokens_per_micro_batch: int
+    capacity: int | None
+    params_dense: int
+    params_expert_local: int
+    terms: dict[str, int] = field(default_factory=dict)
+    backward_peak: int = 0
+    step_peak: int = 0
+
+    @property
+    def total(self) -> int:
+        return max(self.backward_peak, self.step_peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total, "fits": self.fits}
+
+    def summary(self) -> str:
+        def g(x: int) -> str:
+            return f"{x / GIB:8.2f} GiB"
+
+        lines = [f"memory plan per rank: {self.world} ranks = ep {self.ep_size} x edp {self.edp_size} "
+                 f"(dp {self.dp_size}), ZeRO-{self.zero_stage}, {self.dtype}, "
+                 f"{self.tokens_per_micro_batch} tokens per micro-batch",
+                 f"  parameters on this rank: {self.params_dense / 1e9:.2f}B non-expert + "
+                 f"{self.params_expert_local / 1e9:.2f}B expert"]
+        lines += [f"  {name:<28}{g(value)}" for name, value in self.terms.items()]
+        lines.append(f"  {'peak (backward)':<28}{g(self.backward_peak)}")
+        lines.append(f"  {'peak (optimizer step)':<28}{g(self.step_peak)}")
+        if self.capacity is not None:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"  {'capacity':<28}{g(self.capacity)}  -> {verdict} "
+                         f"({100 * self.total / self.capacity:.0f}% used)")
+        return "\n".join(lines)
+
+
+def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: int | None = None,
+                overhead: int = 0, expert_imbalance: float = 1.0, kernels: bool = False,
+                deepspeed_extra: dict[str, Any] | None = None) -> MemoryPlan:
+    """The per-rank memory of training ``cfg`` on ``world`` ranks (see the module docstring)."""
+    from model.params import count_parameters
+
+    p = cfg.parallel
+    if world < 1 or world % p.ep_size:
+        raise ValueError(f"parallel.ep_size: {p.ep_size} must divide the number of ranks {world}")
+    counts = count_parameters(model_cfg)
+    experts_total = counts["part_moe_experts"]
+    dense = counts["total"] - experts_total
+    expert_local = experts_total // p.ep_size
+    local = dense + expert_local
+    edp = world // p.ep_size
+    a = 2 if p.dtype == "bf16" else 4
+    zero = (deepspeed_extra or {}).get("zero_optimization", {})
+    bucket = int(zero.get("reduce_bucket_size", 5e8))
+    overlap = bool(zero.get("overlap_comm", p.zero_stage == 2))
+    # ZeRO-0 keeps full optimizer states on every rank
+    partition = local if p.zero_stage == 0 else dense / world + expert_local / edp
+    terms: dict[str, int] = {}
+    terms["weights"] = a * local
+    terms["master weights (fp32)"] = int(4 * partition)
+    terms["Adam moments (fp32)"] = int(8 * partition)
+    if p.zero_stage == 2:
+        terms["gradients (partition)"] = int(a * partition)
+    else:
+        terms["gradients"] = a * local
+    # contiguous gradient buckets never hold more than the rank's gradients
+    terms["reduction buckets"] = (2 if overlap else 1) * a * min(bucket, local)
+
+    T = p.micro_batch * cfg.data.seq_len
+    boundaries = cfg.data.pack == "boundaries"
+    per_layer = [layer_activation_bytes(model_cfg, i, a, cfg.data.seq_len, boundaries, kernels)
+                 for i in range(model_cfg.n_layers)]
+    chunk = cfg.parallel.loss_chunk_tokens
+    head = head_activation_bytes(model_cfg, a, chunked=chunk > 0)
+    if p.activation_checkpointing:
+        kept = model_cfg.n_layers * a * model_cfg.d_model + max(per_layer)   # inputs + one recomputed layer
+    else:
+        kept = sum(per_layer)
+    terms["activations"] = T * (kept + head)
+    # backward working set: the gradient of the widest layer's activations, and the logits' gradient (all
+    # tokens' at once, or one recomputed chunk's with everything it needs)
+    logit_tokens = min(chunk, T) if chunk > 0 else T
+    logit_work = head_working_set_bytes(model_cfg, a, chunked=chunk > 0)
+    terms["backward working set"] = T * max(per_layer) + logit_tokens * logit_work
+    if not kernels and any(not model_cfg.is_attention(i) for i in range(model_cfg.n_layers)):
+        terms["scan working set"] = scan_working_set_bytes(model_cfg, p.micro_batch, cfg.data.seq_len, boundaries)
+    if p.ep_size > 1 and model_cfg.n_experts > 1:
+        terms["all-to-all buffers"] = int(4 * a * model_cfg.top_k * model_cfg.d_model * T * expert_imbalance)
+    terms["framework overhead"] = overhead
+
+    states = sum(terms[k] for k in ("weights", "master weights (fp32)", "Adam moments (fp32)"))
+    grads = sum(v for k, v in terms.items() if k.startswith("gradients"))
+    backward = states + grads + terms["reduction buckets"] + terms["activations"] \
+        + terms["backward working set"] + terms.get("scan working set", 0) + terms.get("all-to-all buffers", 0) \
+        + overhead
+    step = states + grads + int(4 * partition) + overhead   # fp32 partition gradients during the update
+    return MemoryPlan(world=world, ep_size=p.ep_size, dp_size=world, edp_size=edp, zero_stage=p.zero_stage,
+                      dtype=p.dtype, tokens_per_micro_batch=T, capacity=capacity, params_dense=dense,
+                      params_expert_local=expert_local, terms=terms, backward_peak=int(backward),
+                      step_peak=int(step))
+
+
+def load_deepspeed_extra(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    with open(path) as fh:
+        return json.load(fh)
+
