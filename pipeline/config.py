@@ -134,6 +134,35 @@ class TokenizeConfig(_Strict):
     batch_size: int = Field(default=512, ge=1)
 
 
+# ------------------------------------------------------------------------------------------- dedup
+class DedupConfig(_Strict):
+    enabled: bool = True
+    exact: bool = True                       # hash of the normalised text
+    minhash: bool = True                     # near duplicates
+    threshold: float = Field(default=0.8, gt=0, lt=1)   # Jaccard of word n-gram sets
+    num_perm: int = Field(default=112, ge=8, le=1024)
+    ngram: int = Field(default=5, ge=1, le=32)
+    bands: int | None = Field(default=None, ge=1)       # default: datasketch's optimum for threshold
+    rows: int | None = Field(default=None, ge=1)
+    seed: int = Field(default=1, ge=0)
+    verify: bool = True                      # reject LSH candidates whose estimated Jaccard < threshold
+    scope: Literal["kind", "all"] = "kind"  # dedup within each source kind, or across all sources
+    partitions: int = Field(default=16, ge=1, le=4096)  # shuffle partitions: memory per task ~ 1 / partitions
+    score_key: str = "quality_score"         # metadata key; the highest score is kept
+    index: list[str] = Field(default_factory=list)      # earlier run directories (incremental mode)
+    max_rounds: int = Field(default=64, ge=2)
+
+    @model_validator(mode="after")
+    def _bands_rows(self) -> DedupConfig:
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("bands and rows: give both or neither")
+        if self.bands and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands x rows = {self.bands * self.rows} exceeds num_perm {self.num_perm}")
+        if not (self.exact or self.minhash):
+            raise ValueError("exact and minhash are both off: set enabled: false instead")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------- run
 class RunConfig(_Strict):
     output: str | None = None
@@ -148,6 +177,7 @@ class PipelineConfig(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     sources: list[SourceConfig] = Field(min_length=1)
     crawl_filter: CrawlFilterConfig = Field(default_factory=CrawlFilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
 
     @field_validator("sources")
@@ -227,6 +257,7 @@ def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
                 ) from None
     if cfg.tokenize.tokenizer:
         cfg.tokenize.tokenizer = expand(cfg.tokenize.tokenizer)
+    cfg.dedup.index = [expand(p) for p in cfg.dedup.index]
     _check_datatrove_params(cfg, source)
     return cfg
 

@@ -31,11 +31,12 @@ from pipeline.sources import plan_fingerprint, plan_units
 from pipeline.sources.base import READ_STAGE, Unit
 from pipeline.stages.base import MapStage
 from pipeline.stages.crawl_filter import CrawlFilterStage
+from pipeline.stages.dedup import DedupApplyStage, DedupSignatureStage, dedup_params, run_graph
 from pipeline.stages.tokenize import TokenizeStage
 from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer
 
 log = logging.getLogger("pipeline")
-STAGE_ORDER = [READ_STAGE, "crawl_filter", "tokenize"]
+STAGE_ORDER = [READ_STAGE, "crawl_filter", "dedup", "tokenize"]
 
 
 class RunError(RuntimeError):
@@ -204,26 +205,46 @@ class PipelineRun:
                 init_ray(self.ray_address, self.config.run.num_cpus)
                 crawl = CrawlFilterStage(self.config)
                 crawl_results = self.map_stage(crawl)
+                last, dedup_results, dedup_summary = self._dedup(crawl)
                 tok_cfg = self.config.tokenize
                 tokenizer = prepare_tokenizer(
                     self.run_dir, tok_cfg.tokenizer, tok_cfg.eos_token, tok_cfg.train.vocab_size,
                     tok_cfg.train.min_frequency, int(tok_cfg.train.sample_mb * 1024 * 1024),
-                    [crawl.output_path(self.run_dir, u) for u in self.units])
-                tokenize = TokenizeStage(crawl, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size)
+                    [last.output_path(self.run_dir, u) for u in self.units])
+                tokenize = TokenizeStage(last, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size)
                 tok_results = self.map_stage(tokenize)
-                report = self._publish(crawl_results, tok_results, tokenizer, time.perf_counter() - started)
+                report = self._publish([crawl_results, dedup_results, tok_results], tokenizer,
+                                       time.perf_counter() - started, dedup_summary)
             finally:
                 log.removeHandler(handler)
                 handler.close()
         return report
 
+    def _dedup(self, crawl: MapStage) -> tuple[MapStage, dict, dict | None]:
+        """Signatures (map), the duplicate graph (global), removal (map); or nothing when disabled."""
+        cfg = self.config.dedup
+        if not cfg.enabled:
+            return crawl, {}, None
+        unit_index = {u.id: i for i, u in enumerate(sorted(self.units, key=lambda u: u.id))}
+        signatures = DedupSignatureStage(cfg, crawl, unit_index)
+        self.map_stage(signatures)
+        write_json(signatures.stage_dir(self.run_dir) / "params.json", dedup_params(cfg))
+        summary = run_graph(self.run_dir, self.units, cfg, log)
+        apply = DedupApplyStage(crawl, unit_index, cfg.partitions)
+        return apply, self.map_stage(apply), summary
+
     # ----------------------------------------------------------------- outputs
-    def _publish(self, crawl_results: dict, tok_results: dict, tokenizer: TokenizerInfo, seconds: float) -> RunReport:
+    def _publish(self, stage_results: list[dict], tokenizer: TokenizerInfo, seconds: float,
+                 dedup_summary: dict | None) -> RunReport:
+        tok_results = stage_results[-1]
         ledger = Ledger()
-        for results in (crawl_results, tok_results):
+        for results in stage_results:
             for unit in self.units:
-                ledger.merge(Ledger.from_json(results[unit.id]["ledger"]))
+                if unit.id in results:
+                    ledger.merge(Ledger.from_json(results[unit.id]["ledger"]))
         stats = ledger.stats(STAGE_ORDER)
+        if dedup_summary is not None:
+            stats["dedup"] = dedup_summary
         shards = [ShardInfo(**s) for unit in self.units for s in tok_results[unit.id]["shards"]]
         kinds = {s.name: s.kind for s in self.config.sources}
         manifest = Manifest(format_version=1, config_fingerprint=self.config.fingerprint(),

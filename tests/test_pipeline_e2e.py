@@ -40,10 +40,16 @@ def test_run_produces_verified_shards_from_all_three_kinds(clean_run):
 
 def test_shards_decode_back_to_the_kept_text(clean_run):
     run_dir, _ = clean_run
-    kept: dict[str, str] = {}
-    for path in sorted((run_dir / "stages/crawl_filter").glob("*.parquet")):
-        table = pq.read_table(path, columns=["id", "text"]).to_pydict()
-        kept.update(zip(table["id"], table["text"]))
+    def documents(stage: str) -> dict[str, str]:
+        docs: dict[str, str] = {}
+        for path in sorted(p for p in (run_dir / "stages" / stage).glob("*.parquet") if p.is_file()):
+            table = pq.read_table(path, columns=["id", "text"]).to_pydict()
+            docs.update(zip(table["id"], table["text"]))
+        return docs
+
+    kept, filtered = documents("dedup"), documents("crawl_filter")
+    removed = pq.read_table(run_dir / "stages/dedup/removed.parquet").column("id").to_pylist()
+    assert set(filtered) - set(kept) == set(removed) and set(kept) <= set(filtered)
     manifest = Manifest.load(run_dir)
     tokenizer = load_tokenizer(run_dir / manifest.tokenizer["path"])
     eos = manifest.tokenizer["eos_id"]
@@ -62,13 +68,14 @@ def test_every_document_is_accounted_for(clean_run):
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["invariant_ok"] and stats["violations"] == []
     stages = stats["stages"]
-    assert list(stages) == ["read", "crawl_filter", "tokenize"]
+    assert list(stages) == ["read", "crawl_filter", "dedup", "tokenize"]
     for stage, sources in stages.items():
         for source, e in sources.items():
             assert e["in"] == e["kept"] + sum(e["dropped"].values()) + sum(e["errored"].values()), (stage, source)
     for source, e in stages["crawl_filter"].items():
         assert stages["read"][source]["kept"] == e["in"]
-        assert stages["tokenize"].get(source, {"in": 0})["in"] == e["kept"]
+        assert stages["dedup"].get(source, {"in": 0})["in"] == e["kept"]
+        assert stages["tokenize"].get(source, {"in": 0})["in"] == stages["dedup"].get(source, {"kept": 0})["kept"]
     # The multilingual handbook sample (fr, de) is mostly dropped by language ID, with that reason.
     assert stages["crawl_filter"]["debian-handbook"]["dropped"].get("language_id", 0) > 0
     # WARC request records are counted, not silently skipped.
