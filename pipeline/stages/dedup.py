@@ -48,6 +48,7 @@ from pipeline.stages.base import STAGES_DIR, MapStage
 SIGNATURES = "dedup_signatures"
 STAGE = "dedup"
 UNIT_BITS, RUN_SHIFT = 32, 56          # loc = run << 56 | unit << 32 | row
+INDEX_BIT = 1 << 62                   # graph.node_key's "new document" bit
 REASON_EXACT, REASON_NEAR = 0, 1
 REASONS = {REASON_EXACT: "exact_duplicate", REASON_NEAR: "near_duplicate"}
 
@@ -207,7 +208,9 @@ def candidates_task(k: int, band_files: list[tuple[int, str]], sig_runs: list[li
         offsets = json.loads(table.schema.metadata[b"partition_offsets"])
         part = table.slice(offsets[k], offsets[k + 1] - offsets[k])
         keys.append(part.column("key").to_numpy())
-        nodes.append(part.column("node").to_numpy())
+        node = part.column("node").to_numpy()
+        # documents of an index run outrank this run's (they were written as "new" when their run ran)
+        nodes.append(node & ~np.int64(INDEX_BIT) if run else node)
         loc = part.column("loc").to_numpy()
         locs.append(loc | (np.int64(run) << RUN_SHIFT))
         exact.append(part.column("exact").to_numpy(zero_copy_only=False))
