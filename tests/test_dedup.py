@@ -216,3 +216,21 @@ def test_config_errors_name_the_key(tmp_path):
         parse_config({**base, "dedup": {"bands": 4}})
     with pytest.raises(ConfigError, match=r"dedup.threshold: .*less than 1"):
         parse_config({**base, "dedup": {"threshold": 1.5}})
+
+
+def test_plan_dedup_scales_and_recommends_partitions():
+    from pipeline.config import DedupConfig
+    from pipeline.dedup.plan import parse_size, plan_dedup
+
+    small, large = plan_dedup(10**6, DedupConfig()), plan_dedup(10**8, DedupConfig())
+    assert sum(large.disk.values()) == pytest.approx(100 * sum(small.disk.values()), rel=0.01)
+    wide = plan_dedup(10**8, DedupConfig(partitions=256))
+    assert wide.task_memory["candidates (per partition)"] < large.task_memory["candidates (per partition)"] / 15
+    # the recommendation brings the widest task under the budget
+    budget = parse_size("1GiB")
+    advice = plan_dedup(10**8, DedupConfig(), task_budget=budget).recommended_partitions
+    fitted = plan_dedup(10**8, DedupConfig(partitions=advice), task_budget=budget)
+    assert max(fitted.task_memory["candidates (per partition)"],
+               fitted.task_memory["connected components (per partition)"]) <= budget
+    proc = run_cli("plan-dedup", "--docs", "1000000")
+    assert proc.returncode == 0 and "signatures" in proc.stdout and "fewest partitions within the per-task budget" in proc.stdout
