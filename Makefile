@@ -50,6 +50,7 @@ lint: install
 
 bench: install
 	$(PY) bench/pipeline_throughput.py
+	$(PY) bench/dedup.py --sig-docs 3000 --sizes 10000 100000
 
 clean:
 	rm -rf runs .pytest_cache

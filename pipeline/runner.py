@@ -162,6 +162,7 @@ class PipelineRun:
         log.info("stage %s: %d units to run, %d already complete", stage.name, len(todo), len(results))
         if not todo:
             return results
+        started = time.perf_counter()
         remote = ray.remote(_execute_unit).options(
             num_cpus=1, max_retries=self.config.run.max_task_retries, retry_exceptions=False)
         stage_ref = ray.put(stage)
@@ -191,12 +192,14 @@ class PipelineRun:
             listing = "; ".join(f"{u}: {e}" for u, e in sorted(failures.items())[:5])
             raise RunError(f"stage {stage.name}: {len(failures)} unit(s) failed ({listing}). Completed units "
                            f"are kept; rerun the same command to retry only the failed ones.")
+        self.wall_seconds[stage.name] = round(time.perf_counter() - started, 3)
         return results
 
     def run(self) -> RunReport:
         started = time.perf_counter()
         self.units = plan_units(self.config)
         self.resumed: dict[str, int] = {}
+        self.wall_seconds: dict[str, float] = {}
         with self._lock():
             handler = self._setup_logging()
             try:
@@ -229,7 +232,9 @@ class PipelineRun:
         signatures = DedupSignatureStage(cfg, crawl, unit_index)
         self.map_stage(signatures)
         write_json(signatures.stage_dir(self.run_dir) / "params.json", dedup_params(cfg))
+        started = time.perf_counter()
         summary = run_graph(self.run_dir, self.units, cfg, log)
+        self.wall_seconds["dedup_graph"] = round(time.perf_counter() - started, 3)
         apply = DedupApplyStage(crawl, unit_index, cfg.partitions)
         return apply, self.map_stage(apply), summary
 
@@ -253,6 +258,7 @@ class PipelineRun:
             manifest.totals.setdefault(source.name, {"kind": source.kind, "rows": 0, "tokens": 0})
         stats["units"] = len(self.units)
         stats["resumed_units"] = self.resumed
+        stats["wall_seconds"] = self.wall_seconds          # this invocation's work (resumed stages: absent)
         stats["tokens"] = manifest.total_tokens
         write_json(self.run_dir / "stats.json", stats, sort_keys=False)  # stages in pipeline order
         manifest.save(self.run_dir)

@@ -17,7 +17,7 @@ from functools import cached_property
 import numpy as np
 import xxhash
 
-_PUNCT = re.compile(r"[^\w\s]+", re.UNICODE)
+_WORD = re.compile(r"\w+", re.UNICODE)      # runs of word characters: punctuation and spaces separate
 _DIGIT = re.compile(r"\d", re.UNICODE)
 _ROLL = np.uint64(0x9E3779B97F4A7C15)      # odd multiplier combining word hashes into a window hash
 _SHINGLE_CHUNK = 8192                       # shingles per numpy block: bounds memory for book-length texts
@@ -31,8 +31,7 @@ def normalize_words(text: str) -> list[str]:
     text = unicodedata.normalize("NFKD", text.lower())
     if not text.isascii():
         text = "".join(ch for ch in text if not unicodedata.combining(ch))
-    text = _DIGIT.sub("0", _PUNCT.sub(" ", text))
-    return text.split()
+    return _WORD.findall(_DIGIT.sub("0", text))
 
 
 def fmix64(h: np.ndarray) -> np.ndarray:
@@ -44,20 +43,35 @@ def fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> s3)
 
 
-def shingle_hashes(words: list[str], n: int) -> np.ndarray:
-    """64-bit hashes of the distinct word n-grams (a document shorter than n words is one shingle)."""
+class _WordHashes(dict):
+    """xxh3-64 of each word, computed once per process (words repeat across documents: Zipf)."""
+
+    limit = 2_000_000
+
+    def __missing__(self, word: str) -> int:
+        if len(self) >= self.limit:
+            self.clear()
+        value = self[word] = xxhash.xxh3_64_intdigest(word)
+        return value
+
+
+_WORD_HASHES = _WordHashes()
+
+
+def shingle_hashes(words: list[str], n: int, distinct: bool = True) -> np.ndarray:
+    """64-bit hashes of the word n-grams, distinct unless ``distinct=False`` (a minimum does not care
+    about repeats); a document shorter than n words is one shingle."""
     if not words:
         return np.zeros(0, dtype=np.uint64)
-    vocab: dict[str, int] = {}
-    codes = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
-    word_hash = np.fromiter((xxhash.xxh3_64_intdigest(w) for w in vocab), dtype=np.uint64, count=len(vocab))[codes]
+    word_hash = np.fromiter(map(_WORD_HASHES.__getitem__, words), dtype=np.uint64, count=len(words))
     width = min(n, len(words))
     windows = len(words) - width + 1
     with np.errstate(over="ignore"):
         acc = np.zeros(windows, dtype=np.uint64)
         for j in range(width):
             acc = acc * _ROLL + word_hash[j:j + windows]
-        return np.unique(fmix64(acc ^ np.uint64(width)))
+        acc = fmix64(acc ^ np.uint64(width))
+    return np.unique(acc) if distinct else acc
 
 
 @dataclass(frozen=True)
@@ -79,13 +93,14 @@ class MinHasher:
         sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for start in range(0, len(hashes), _SHINGLE_CHUNK):
-                mixed = fmix64(hashes[start:start + _SHINGLE_CHUNK])[:, None]
-                np.minimum(sig, (mixed * a + b).min(axis=0), out=sig)
+                phv = np.multiply.outer(fmix64(hashes[start:start + _SHINGLE_CHUNK]), a)
+                phv += b
+                np.minimum(sig, phv.min(axis=0), out=sig)
         return sig
 
     def signature(self, text: str) -> np.ndarray | None:
         """The document's signature, or None when it has no words (nothing to compare)."""
-        hashes = shingle_hashes(normalize_words(text), self.ngram)
+        hashes = shingle_hashes(normalize_words(text), self.ngram, distinct=False)
         return self.signature_of_hashes(hashes) if len(hashes) else None
 
 
