@@ -108,7 +108,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    peak = {"max_process_rss": 0, "driver_rss": 0}
+    peak = {"max_process_rss": 0, "driver_rss": 0, "max_process_anon": 0}
     done = threading.Event()
 
     def poll() -> None:
@@ -123,6 +123,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
                         continue
                     key = "driver_rss" if p.pid == proc.pid else "max_process_rss"
                     peak[key] = max(peak[key], rss)
+                    if p.pid != proc.pid:
+                        peak["max_process_anon"] = max(peak["max_process_anon"], _anon_rss(p.pid))
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -137,7 +139,20 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
     return {"wall_s": wall, "max_worker_rss_mib": peak["max_process_rss"] / 2**20,
+            "max_worker_anon_rss_mib": peak["max_process_anon"] / 2**20,
             "driver_rss_mib": peak["driver_rss"] / 2**20, "output": out}
+
+
+def _anon_rss(pid: int) -> int:
+    """Anonymous resident memory (RSS without memory-mapped file pages, which the kernel can drop)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 DATATROVE_SCRIPT = """
@@ -162,10 +177,13 @@ LocalPipelineExecutor([reader(), MinhashDedupFilter(f"{work}/remove_ids"), Jsonl
 """
 
 
-def bench_end_to_end(n: int, pool: list[str], tmp: Path, files: int = 8, datatrove: bool = True) -> dict:
+def bench_end_to_end(n: int, pool: list[str], tmp: Path, datatrove: bool = True) -> dict:
     import yaml
 
     docs = make_documents(n, pool, seed=n)
+    # ~4 MB input files, packed two to a unit: the same unit size at every N, so a worker's memory
+    # should not grow with N
+    files = max(2, sum(len(d["text"]) for d in docs) // (4 * 2**20))
     data = tmp / f"data-{n}"
     data.mkdir()
     for k in range(files):
@@ -178,7 +196,7 @@ def bench_end_to_end(n: int, pool: list[str], tmp: Path, files: int = 8, datatro
                                      "minified": False}},
            "dedup": {"partitions": 8},
            "tokenize": {"train": {"vocab_size": 1024, "sample_mb": 1}},
-           "run": {"unit_target_mb": 8.0}}   # fixed unit size: per-worker memory must not grow with N
+           "run": {"unit_target_mb": 8.0}}
     (tmp / f"cfg-{n}.yaml").write_text(yaml.safe_dump(cfg))
     run_dir = tmp / f"run-{n}"
     ours = measure([sys.executable, "-m", "pipeline", "run", str(tmp / f"cfg-{n}.yaml"), "--output", str(run_dir),
@@ -189,6 +207,7 @@ def bench_end_to_end(n: int, pool: list[str], tmp: Path, files: int = 8, datatro
     row = {"documents": n, "ours_dedup_wall_s": dedup_s, "ours_run_wall_s": ours["wall_s"],
            "ours_stage_wall_s": {k: v for k, v in wall.items() if k.startswith("dedup")},
            "ours_removed": stats["dedup"]["removed"], "ours_max_worker_rss_mib": ours["max_worker_rss_mib"],
+           "ours_max_worker_anon_rss_mib": ours["max_worker_anon_rss_mib"],
            "ours_driver_rss_mib": ours["driver_rss_mib"]}
     if datatrove:
         theirs = measure([sys.executable, "-c", DATATROVE_SCRIPT, str(data), str(tmp / f"dt-{n}"), "2"])

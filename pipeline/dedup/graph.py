@@ -58,15 +58,21 @@ def unique_edges(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
+def _by_node(u: np.ndarray, v: np.ndarray):
+    """Edges sorted by u, the start of each u's group, and m = min(u, its neighbours) per group."""
+    order = np.argsort(u, kind="stable")
+    u, v = u[order], v[order]
+    starts = _group_starts(u)
+    mins = np.minimum(np.minimum.reduceat(v, starts), u[starts])
+    return u, v, starts, mins
+
+
 def large_star(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Input: every edge in both directions (u, v), grouped here by u. For each u with m = min(u, N(u)):
     connect every neighbour v > u to m."""
     if len(u) == 0:
         return u, v
-    order = np.argsort(u, kind="stable")
-    u, v = u[order], v[order]
-    starts = _group_starts(u)
-    mins = np.minimum(np.minimum.reduceat(v, starts), u[starts])
+    u, v, starts, mins = _by_node(u, v)
     m = np.repeat(mins, np.diff(np.r_[starts, len(u)]))
     bigger = v > u
     return unique_edges(v[bigger], m[bigger])
@@ -77,10 +83,7 @@ def small_star(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m = min(N(u) + u): connect u and every such neighbour to m (except m itself)."""
     if len(u) == 0:
         return u, v
-    order = np.argsort(u, kind="stable")
-    u, v = u[order], v[order]
-    starts = _group_starts(u)
-    mins = np.minimum(np.minimum.reduceat(v, starts), u[starts])
+    u, v, starts, mins = _by_node(u, v)
     m = np.repeat(mins, np.diff(np.r_[starts, len(u)]))
     src = np.r_[v, u[starts]]
     dst = np.r_[m, mins]
