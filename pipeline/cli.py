@@ -220,11 +220,12 @@ def _cmd_plan_dedup(args: argparse.Namespace) -> int:
     from pipeline.dedup.plan import parse_size, plan_dedup
 
     try:
-        cfg = load_config(args.config).dedup if args.config else DedupConfig()
+        config = load_config(args.config) if args.config else None
+        cfg = config.dedup if config else DedupConfig()
+        units_mb = config.run.unit_target_mb if config else 64.0
         budget = parse_size(args.task_memory)
         if args.docs < 1 or not 0 <= args.duplicate_fraction <= 1:
             raise ConfigError("--docs must be >= 1 and --duplicate-fraction in [0, 1]")
-        units_mb = load_config(args.config).run.unit_target_mb if args.config else 64.0
     except (ConfigError, ValueError) as exc:
         _error(str(exc))
         return EXIT_CONFIG

@@ -317,10 +317,9 @@ def keepers_task(k: int, out_dir: str, sig_runs: list[list[str]], *parts) -> dic
     with atomic_path(out / "removals" / f"part-{k:05d}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink, \
             pa.ipc.new_file(sink, removals.schema) as writer:
         writer.write_table(removals)
-    in_run = Counter(label[(loc >> RUN_SHIFT) == 0].tolist())
     return {"removed": int(removed.sum()), "clusters": len(sizes),
             "cluster_sizes": dict(Counter(_size_bucket(s) for s in sizes.values())),
-            "exact": int((reason == REASON_EXACT).sum()), "in_run_members": int(sum(in_run.values()))}
+            "exact": int((reason == REASON_EXACT).sum())}
 
 
 def _size_bucket(size: int) -> str:
