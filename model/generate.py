@@ -32,7 +32,7 @@ def generate(model: Jamba, prompt: torch.Tensor, max_new_tokens: int, temperatur
     if seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(seed)
     cache = model.new_cache()
-    logits = model(prompt, cache=cache).logits[:, -1]
+    logits = model(prompt, cache=cache, logits_to_keep=1).logits[:, -1]
     tokens = [prompt]
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):

@@ -103,13 +103,15 @@ class Jamba(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 segment: torch.Tensor | None = None, cache: HybridCache | None = None,
                 output_router_logits: bool = False, token_mask: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, loss_chunk: int = 0) -> JambaOutput:
+                targets: torch.Tensor | None = None, loss_chunk: int = 0, logits_to_keep: int = 0) -> JambaOutput:
         """input_ids [b, L]. ``labels`` are aligned with ``input_ids`` (shifted here; -100 = ignore);
         ``targets`` are already shifted (position t predicts targets[t]). With ``targets`` and ``loss_chunk``
         > 0 the loss is computed ``loss_chunk`` tokens at a time and no full logits tensor is made.
 
         ``segment`` [b, L]: document ids of a packed sequence; attention stays within a document and the
         pure-PyTorch Mamba path resets its state at each new document. ``cache``: prefill or decode.
+        ``logits_to_keep`` > 0: logits for the last that many positions only (HF's ``num_logits_to_keep``;
+        a prefill for generation needs one, and all of them would be ``L x vocab``).
         """
         decode = cache is not None and cache.seen > 0
         h = self.embed_tokens(input_ids)
@@ -130,7 +132,7 @@ class Jamba(nn.Module):
             logits = None
             lm = chunked_lm_loss(h, self.lm_head.weight, targets, loss_chunk)
         else:
-            logits = self.lm_head(h)
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep > 0 else h)
             lm = lm_loss(logits, targets) if targets is not None else None
         out = JambaOutput(logits=logits, lm_loss=lm, router_logits=router_logits if output_router_logits else [],
                           expert_counts=counts)

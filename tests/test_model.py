@@ -144,3 +144,14 @@ def test_cli_params_init_convert_generate(tmp_path):
     assert gen.returncode == 0 and gen.stdout.startswith("5,6,7,") and "Mamba state" in gen.stderr
     bad = run("convert", "--from-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "config.json: missing" in bad.stderr
+
+
+def test_logits_to_keep_equals_the_last_positions_of_the_full_logits():
+    torch.manual_seed(0)
+    model = Jamba(tiny()).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 13))
+    with torch.no_grad():
+        full = model(ids).logits
+        last3 = model(ids, logits_to_keep=3).logits
+    assert last3.shape == (2, 3, model.cfg.vocab_size)
+    assert torch.allclose(last3, full[:, -3:], atol=1e-6)

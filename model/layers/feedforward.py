@@ -40,8 +40,13 @@ class RouterOutput:
 
 
 def experts_forward(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
-    """Grouped expert compute. x [T, d]; expert_idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F]."""
+                    down: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
+                    down_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped expert compute. x [T, d]; expert_idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F].
+
+    With ``gate_up_scale [E, 2F]`` and ``down_scale [E, d]`` the weights are int8 (``model/quant.py``):
+    each matmul runs on the integer weights cast to x's dtype and its output channels are then scaled.
+    """
     T, k = expert_idx.shape
     E = gate_up.shape[0]
     flat = expert_idx.reshape(-1)
@@ -55,8 +60,12 @@ def experts_forward(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Te
         if n == 0:
             continue
         chunk = xs[start:start + n]
-        gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, down[e]))
+        if gate_up_scale is None:
+            gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, down[e]))
+        else:
+            gate, up = (F.linear(chunk, gate_up[e].to(chunk.dtype)) * gate_up_scale[e].to(chunk.dtype)).chunk(2, -1)
+            outs.append(F.linear(F.silu(gate) * up, down[e].to(chunk.dtype)) * down_scale[e].to(chunk.dtype))
         start += n
     ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
