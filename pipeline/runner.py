@@ -24,19 +24,26 @@ from typing import Any
 import yaml
 
 from pipeline.atomic import read_json, write_json
-from pipeline.config import PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.ledger import Ledger
-from pipeline.shards import SHARD_DIR, Manifest, ShardInfo, build_totals
+from pipeline.shards import FORMAT_VERSION, SHARD_DIR, Manifest, ShardInfo, build_totals
 from pipeline.sources import plan_fingerprint, plan_units
 from pipeline.sources.base import READ_STAGE, Unit
 from pipeline.stages.base import MapStage
 from pipeline.stages.crawl_filter import CrawlFilterStage
 from pipeline.stages.dedup import DedupApplyStage, DedupSignatureStage, dedup_params, run_graph
+from pipeline.stages.quality import (
+    QualityScoreStage,
+    QualitySelectStage,
+    compute_thresholds,
+    model_digests,
+    quality_summary,
+)
 from pipeline.stages.tokenize import TokenizeStage
 from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer
 
 log = logging.getLogger("pipeline")
-STAGE_ORDER = [READ_STAGE, "crawl_filter", "dedup", "tokenize"]
+STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "dedup", "tokenize"]
 
 
 class RunError(RuntimeError):
@@ -47,7 +54,7 @@ class RunError(RuntimeError):
 class RunReport:
     run_dir: Path
     stats: dict[str, Any]
-    manifest: Manifest
+    manifest: Manifest | None  # None when the run stopped early (``until``): nothing is published yet
     seconds: float
     units: int
     resumed_units: dict[str, int] = field(default_factory=dict)
@@ -60,6 +67,19 @@ def _execute_unit(stage: MapStage, unit: Unit, run_dir: str) -> dict[str, Any]:
     result["unit"] = unit.id
     write_json(stage.marker_path(Path(run_dir), unit), result)
     return result
+
+
+class StageWorker:
+    """A Ray actor holding one stage: heavy resources (fastText models) load once, in ``__init__``."""
+
+    def __init__(self, stage: MapStage):
+        self.stage = stage
+        warm = getattr(stage, "warm", None)
+        if warm is not None:
+            warm()
+
+    def run(self, unit: Unit, run_dir: str) -> dict[str, Any]:
+        return _execute_unit(self.stage, unit, run_dir)
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -93,8 +113,12 @@ def shutdown_ray() -> None:
 # --------------------------------------------------------------------------------------------- run
 class PipelineRun:
     def __init__(self, config: PipelineConfig, run_dir: Path, ray_address: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, until: str | None = None):
         self.config = config
+        # Stop after this stage (one scheduler task per stage, e.g. Airflow); a later call resumes from markers.
+        if until is not None and until not in STAGE_ORDER[1:]:
+            raise RunError(f"until: unknown stage {until!r} (one of {', '.join(STAGE_ORDER[1:])})")
+        self.until = until
         self.run_dir = Path(run_dir).resolve()
         self.ray_address = ray_address or config.run.ray_address
         self.progress = progress and sys.stderr.isatty() or os.environ.get("JAMBA_PROGRESS") == "1"
@@ -112,13 +136,16 @@ class PipelineRun:
                 raise RunError(
                     f"{self.run_dir} holds a run of a different configuration "
                     f"({previous.get('config_fingerprint')} != {fingerprint}); use a new --output directory")
+            if previous.get("quality_models", {}) != self.model_digests:
+                raise RunError(f"the quality model file(s) changed since {self.run_dir} was started; use a new "
+                               f"--output directory")
             if previous.get("plan_fingerprint") != plan:
                 raise RunError(
                     f"the input files changed since {self.run_dir} was started (plan {previous.get('plan_fingerprint')}"
                     f" != {plan}); use a new --output directory")
         else:
             write_json(run_info, {"config_fingerprint": fingerprint, "plan_fingerprint": plan,
-                                  "units": len(self.units)})
+                                  "units": len(self.units), "quality_models": self.model_digests})
         resolved = self.config.model_dump(mode="json")
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         # Leftovers of a killed run: temporary files are never part of a result.
@@ -163,31 +190,61 @@ class PipelineRun:
         if not todo:
             return results
         started = time.perf_counter()
-        remote = ray.remote(_execute_unit).options(
-            num_cpus=1, max_retries=self.config.run.max_task_retries, retry_exceptions=False)
+        retries = self.config.run.max_task_retries
         stage_ref = ray.put(stage)
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
         max_in_flight = self.config.run.max_in_flight or max(2, 4 * cpus)
+        run_dir = str(self.run_dir)
+        if getattr(stage, "uses_actors", False):
+            # Long-lived workers, each loading the stage's models once; a lost actor is restarted and its
+            # in-flight unit retried (the unit rewrites only its own files, atomically).
+            actor_cls = ray.remote(StageWorker).options(num_cpus=1, max_restarts=retries,
+                                                        max_task_retries=retries)
+            actors = [actor_cls.remote(stage_ref) for _ in range(max(1, min(cpus, len(todo))))]
+            load = dict.fromkeys(range(len(actors)), 0)
+            max_in_flight = min(max_in_flight, 2 * len(actors))
+            busy: dict[Any, int] = {}
+
+            def submit(unit: Unit) -> Any:
+                index = min(load, key=load.get)
+                load[index] += 1
+                ref = actors[index].run.remote(unit, run_dir)
+                busy[ref] = index
+                return ref
+
+            def release(ref: Any) -> None:
+                load[busy.pop(ref)] -= 1
+        else:
+            remote = ray.remote(_execute_unit).options(num_cpus=1, max_retries=retries, retry_exceptions=False)
+            actors = []
+
+            def submit(unit: Unit) -> Any:
+                return remote.remote(stage_ref, unit, run_dir)
+
+            def release(ref: Any) -> None:
+                pass
         failures: dict[str, str] = {}
         pending: dict[Any, Unit] = {}
         queue = list(reversed(todo))
         bar = tqdm(total=len(self.units), initial=len(results), desc=f"{stage.name:>12}", unit="unit",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-        run_dir = str(self.run_dir)
         with bar:
             while queue or pending:
                 while queue and len(pending) < max_in_flight:
                     unit = queue.pop()
-                    pending[remote.remote(stage_ref, unit, run_dir)] = unit
+                    pending[submit(unit)] = unit
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     unit = pending.pop(ref)
+                    release(ref)
                     try:
                         results[unit.id] = ray.get(ref)
                     except Exception as exc:  # a unit-level failure is a bug or a lost node: report, go on
                         failures[unit.id] = _short_error(exc)
                         log.error("stage %s unit %s failed: %s", stage.name, unit.id, exc)
                     bar.update(1)
+        for actor in actors:
+            ray.kill(actor)
         if failures:
             listing = "; ".join(f"{u}: {e}" for u, e in sorted(failures.items())[:5])
             raise RunError(f"stage {stage.name}: {len(failures)} unit(s) failed ({listing}). Completed units "
@@ -197,6 +254,7 @@ class PipelineRun:
 
     def run(self) -> RunReport:
         started = time.perf_counter()
+        self.model_digests = self._check_quality_models()
         self.units = plan_units(self.config)
         self.resumed: dict[str, int] = {}
         self.wall_seconds: dict[str, float] = {}
@@ -208,20 +266,60 @@ class PipelineRun:
                 init_ray(self.ray_address, self.config.run.num_cpus)
                 crawl = CrawlFilterStage(self.config)
                 crawl_results = self.map_stage(crawl)
-                last, dedup_results, dedup_summary = self._dedup(crawl)
+                if self.until == "crawl_filter":
+                    return self._stopped(started)
+                after_quality, quality_results, quality_done = self._quality(crawl)
+                if self.until == "quality":
+                    return self._stopped(started)
+                last, dedup_results, dedup_summary = self._dedup(after_quality)
+                if self.until == "dedup":
+                    return self._stopped(started)
                 tok_cfg = self.config.tokenize
                 tokenizer = prepare_tokenizer(
                     self.run_dir, tok_cfg.tokenizer, tok_cfg.eos_token, tok_cfg.train.vocab_size,
                     tok_cfg.train.min_frequency, int(tok_cfg.train.sample_mb * 1024 * 1024),
                     [last.output_path(self.run_dir, u) for u in self.units])
-                tokenize = TokenizeStage(last, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size)
+                score_key = self.config.quality.score_key if self.config.quality.enabled else None
+                tokenize = TokenizeStage(last, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size, score_key)
                 tok_results = self.map_stage(tokenize)
-                report = self._publish([crawl_results, dedup_results, tok_results], tokenizer,
-                                       time.perf_counter() - started, dedup_summary)
+                report = self._publish([crawl_results, quality_results, dedup_results, tok_results], tokenizer,
+                                       time.perf_counter() - started, dedup_summary, quality_done)
             finally:
                 log.removeHandler(handler)
                 handler.close()
         return report
+
+    def _stopped(self, started: float) -> RunReport:
+        log.info("stopped after stage %s (until); rerun without --until to finish", self.until)
+        stats = {"stopped_after": self.until, "units": len(self.units), "resumed_units": self.resumed,
+                 "wall_seconds": self.wall_seconds}
+        return RunReport(self.run_dir, stats, None, time.perf_counter() - started, len(self.units), self.resumed)
+
+    def _check_quality_models(self) -> dict[str, str]:
+        """Open every configured quality model before any work: a missing or corrupt file stops here."""
+        from pipeline.quality.model import QualityModelError
+
+        if not self.config.quality.enabled:
+            return {}
+        try:
+            return model_digests(self.config.quality)
+        except QualityModelError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _quality(self, crawl: MapStage) -> tuple[MapStage, dict, Any]:
+        """Scores (map, actors), exact global thresholds, selection (map); or nothing when disabled."""
+        cfg = self.config.quality
+        if not cfg.enabled:
+            return crawl, {}, None
+        kinds = {s.name: s.kind for s in self.config.sources}
+        scorer = QualityScoreStage(cfg, crawl, kinds)
+        score_results = self.map_stage(scorer)
+        started = time.perf_counter()
+        cpus = self.config.run.num_cpus or os.cpu_count() or 1
+        thresholds = compute_thresholds(self.run_dir, scorer, self.units, cfg, kinds, tasks=max(1, cpus))
+        self.wall_seconds["quality_thresholds"] = round(time.perf_counter() - started, 3)
+        selector = QualitySelectStage(cfg, scorer, kinds, thresholds)
+        return selector, self.map_stage(selector), (kinds, score_results, thresholds)
 
     def _dedup(self, crawl: MapStage) -> tuple[MapStage, dict, dict | None]:
         """Signatures (map), the duplicate graph (global), removal (map); or nothing when disabled."""
@@ -240,7 +338,7 @@ class PipelineRun:
 
     # ----------------------------------------------------------------- outputs
     def _publish(self, stage_results: list[dict], tokenizer: TokenizerInfo, seconds: float,
-                 dedup_summary: dict | None) -> RunReport:
+                 dedup_summary: dict | None, quality_done: Any = None) -> RunReport:
         tok_results = stage_results[-1]
         ledger = Ledger()
         for results in stage_results:
@@ -248,11 +346,17 @@ class PipelineRun:
                 if unit.id in results:
                     ledger.merge(Ledger.from_json(results[unit.id]["ledger"]))
         stats = ledger.stats(STAGE_ORDER)
+        if quality_done is not None:
+            kinds, score_results, thresholds = quality_done
+            models = {name: {"path": spec.path, "label": spec.label, "sha256": self.model_digests.get(name)}
+                      for name, spec in self.config.quality.models.items()}
+            stats["quality"] = quality_summary(self.config.quality, kinds, score_results, self.units, thresholds,
+                                               stats, models)
         if dedup_summary is not None:
             stats["dedup"] = dedup_summary
         shards = [ShardInfo(**s) for unit in self.units for s in tok_results[unit.id]["shards"]]
         kinds = {s.name: s.kind for s in self.config.sources}
-        manifest = Manifest(format_version=1, config_fingerprint=self.config.fingerprint(),
+        manifest = Manifest(format_version=FORMAT_VERSION, config_fingerprint=self.config.fingerprint(),
                             tokenizer=tokenizer.to_json(), shards=shards, totals=build_totals(shards, kinds))
         for source in self.config.sources:
             manifest.totals.setdefault(source.name, {"kind": source.kind, "rows": 0, "tokens": 0})

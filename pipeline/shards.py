@@ -9,6 +9,7 @@ A shard is an Arrow IPC *file* (random-access format) with one row per document:
     source_kind  string        web | book | code
     num_tokens   int32         tokens in this row, EOS included
     tokens       list<uint16>  token ids (list<uint32> when the vocabulary exceeds 65,536), EOS last
+    quality_score float32      the quality classifier's P(high quality); null when not scored (format 2)
 
 Schema metadata carries ``jamba.format_version``, ``jamba.vocab_size``, ``jamba.eos_id`` and
 ``jamba.tokenizer_fingerprint``. Files are written under a temporary name and renamed, and carry no
@@ -31,7 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # format 1: the same without quality_score
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".arrow"
@@ -48,7 +50,7 @@ def shard_schema(vocab_size: int, eos_id: int, tokenizer_fingerprint: str) -> pa
             "tokenizer_fingerprint": tokenizer_fingerprint}
     return pa.schema(
         [("id", pa.string()), ("source", pa.string()), ("source_kind", pa.string()),
-         ("num_tokens", pa.int32()), ("tokens", pa.list_(value_type))],
+         ("num_tokens", pa.int32()), ("tokens", pa.list_(value_type)), ("quality_score", pa.float32())],
         metadata={f"{_META_PREFIX}{k}": str(v) for k, v in meta.items()},
     )
 
@@ -94,17 +96,17 @@ class ShardWriter:
         self._tmp: str | None = None
         self._bytes = self._rows = self._tokens = 0
         self._sources: dict[str, dict[str, int]] = {}
-        self._pending: list[tuple[str, str, str, np.ndarray]] = []
+        self._pending: list[tuple[str, str, str, np.ndarray, float | None]] = []
 
-    def add(self, doc_id: str, source: str, kind: str, tokens: np.ndarray) -> None:
-        self._pending.append((doc_id, source, kind, np.asarray(tokens, dtype=self.dtype)))
+    def add(self, doc_id: str, source: str, kind: str, tokens: np.ndarray, quality_score: float | None = None) -> None:
+        self._pending.append((doc_id, source, kind, np.asarray(tokens, dtype=self.dtype), quality_score))
         if len(self._pending) >= self.batch_rows:
             self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
             return
-        ids, sources, kinds, arrays = zip(*self._pending)
+        ids, sources, kinds, arrays, scores = zip(*self._pending)
         self._pending = []
         lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
         offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
@@ -113,7 +115,7 @@ class ShardWriter:
         tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
         batch = pa.RecordBatch.from_arrays(
             [pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(kinds, pa.string()),
-             pa.array(lengths), tokens], schema=self.schema)
+             pa.array(lengths), tokens, pa.array(scores, pa.float32())], schema=self.schema)
         if self._writer is None:
             self._open()
         assert self._writer is not None
@@ -174,8 +176,9 @@ class ShardReader:
         self._reader = pa.ipc.open_file(self._source)
         meta = {k.decode(): v.decode() for k, v in (self._reader.schema.metadata or {}).items()}
         self.metadata = {k[len(_META_PREFIX):]: v for k, v in meta.items() if k.startswith(_META_PREFIX)}
-        if int(self.metadata.get("format_version", -1)) != FORMAT_VERSION:
-            raise ValueError(f"{self.path}: not a jamba-pretrain shard of format {FORMAT_VERSION}")
+        self.format_version = int(self.metadata.get("format_version", -1))
+        if self.format_version not in READABLE_VERSIONS:
+            raise ValueError(f"{self.path}: not a jamba-pretrain shard of format {', '.join(map(str, READABLE_VERSIONS))}")
         self.vocab_size = int(self.metadata["vocab_size"])
         self.eos_id = int(self.metadata["eos_id"])
 
@@ -207,6 +210,16 @@ class ShardReader:
         """``batch_tokens`` for every record batch, in order."""
         for i in range(self.num_batches):
             yield self.batch_tokens(i)
+
+    def quality_scores(self) -> np.ndarray:
+        """Every row's quality score (NaN where not scored, and for format-1 shards)."""
+        parts = []
+        for batch in self.batches():
+            if "quality_score" in batch.schema.names:
+                parts.append(batch.column("quality_score").to_numpy(zero_copy_only=False).astype(np.float32))
+            else:
+                parts.append(np.full(batch.num_rows, np.nan, dtype=np.float32))
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def documents(self) -> Iterator[tuple[str, str, np.ndarray]]:
         """(id, source_kind, tokens) per document; ``tokens`` is a view into the mapped file."""
@@ -266,8 +279,8 @@ class Manifest:
     @classmethod
     def load(cls, run_dir: Path | str) -> Manifest:
         data = json.loads((Path(run_dir) / MANIFEST_NAME).read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{run_dir}: manifest format {data.get('format_version')} != {FORMAT_VERSION}")
+        if data.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{run_dir}: manifest format {data.get('format_version')} is not one of {READABLE_VERSIONS}")
         return cls(format_version=data["format_version"], config_fingerprint=data["config_fingerprint"],
                    tokenizer=data["tokenizer"], shards=[ShardInfo(**s) for s in data["shards"]],
                    totals=data["totals"])

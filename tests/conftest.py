@@ -63,7 +63,35 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
                           timeout=timeout, cwd=ROOT, env=full_env)
 
 
-def write_config(corpus, path: Path) -> Path:
+def write_quality_train_config(corpus, path: Path, output: Path, **fasttext) -> Path:
+    """The demo's classifier recipe on the test corpus, with a small fastText (fast to train and load)."""
+    data = yaml.safe_load((ROOT / "configs/quality/demo.yaml").read_text())
+    data["output"] = str(output)
+    for group in ("positive", "negative"):
+        for src in data[group]:
+            src["paths"] = [p.replace("${JAMBA_DEMO_DATA:-~/.cache/jamba-pretrain/demo/demo}", str(corpus.root))
+                            for p in src["paths"]]
+    data["fasttext"].update({"bucket": 65536, **fasttext})
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def quality_model(corpus, tmp_path_factory) -> Path:
+    """A quality classifier trained through the real CLI on the real test corpus."""
+    work = tmp_path_factory.mktemp("quality")
+    config = write_quality_train_config(corpus, work / "train.yaml", work / "model")
+    proc = run_cli("quality", "train", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "model" / "model.bin"
+
+
+# Web is selected by a global percentile, books are scored and all kept, code is exempt.
+QUALITY_POLICIES = {"web": {"mode": "percentile", "keep_percent": 80}, "book": {"mode": "keep"},
+                    "code": {"mode": "exempt"}}
+
+
+def write_config(corpus, path: Path, quality_model: Path | None = None) -> Path:
     data = {
         "run": {"unit_target_mb": 0.1, "num_cpus": 2},
         "sources": [
@@ -76,13 +104,16 @@ def write_config(corpus, path: Path) -> Path:
         "crawl_filter": {"web": {"gopher_quality": {"params": {"max_non_alpha_words_ratio": 0.5}}}},
         "tokenize": {"train": {"vocab_size": 2048, "sample_mb": 2}, "shard_target_mb": 0.25},
     }
+    if quality_model is not None:
+        data["quality"] = {"enabled": True, "models": {"default": {"path": str(quality_model)}},
+                           "policies": QUALITY_POLICIES}
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 @pytest.fixture(scope="session")
-def config_path(corpus, tmp_path_factory) -> Path:
-    return write_config(corpus, tmp_path_factory.mktemp("cfg") / "pipeline.yaml")
+def config_path(corpus, quality_model, tmp_path_factory) -> Path:
+    return write_config(corpus, tmp_path_factory.mktemp("cfg") / "pipeline.yaml", quality_model)
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from pipeline.shards import Manifest, ShardReader
 from pipeline.tokenizer import load_tokenizer
-from tests.conftest import ROOT, run_cli, write_config
+from tests.conftest import ROOT, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -47,9 +49,9 @@ def test_shards_decode_back_to_the_kept_text(clean_run):
             docs.update(zip(table["id"], table["text"]))
         return docs
 
-    kept, filtered = documents("dedup"), documents("crawl_filter")
+    kept, selected = documents("dedup"), documents("quality")
     removed = pq.read_table(run_dir / "stages/dedup/removed.parquet").column("id").to_pylist()
-    assert set(filtered) - set(kept) == set(removed) and set(kept) <= set(filtered)
+    assert set(selected) - set(kept) == set(removed) and set(kept) <= set(selected)
     manifest = Manifest.load(run_dir)
     tokenizer = load_tokenizer(run_dir / manifest.tokenizer["path"])
     eos = manifest.tokenizer["eos_id"]
@@ -68,13 +70,14 @@ def test_every_document_is_accounted_for(clean_run):
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["invariant_ok"] and stats["violations"] == []
     stages = stats["stages"]
-    assert list(stages) == ["read", "crawl_filter", "dedup", "tokenize"]
+    assert list(stages) == ["read", "crawl_filter", "quality", "dedup", "tokenize"]
     for stage, sources in stages.items():
         for source, e in sources.items():
             assert e["in"] == e["kept"] + sum(e["dropped"].values()) + sum(e["errored"].values()), (stage, source)
     for source, e in stages["crawl_filter"].items():
         assert stages["read"][source]["kept"] == e["in"]
-        assert stages["dedup"].get(source, {"in": 0})["in"] == e["kept"]
+        assert stages["quality"].get(source, {"in": 0})["in"] == e["kept"]
+        assert stages["dedup"].get(source, {"in": 0})["in"] == stages["quality"].get(source, {"kept": 0})["kept"]
         assert stages["tokenize"].get(source, {"in": 0})["in"] == stages["dedup"].get(source, {"kept": 0})["kept"]
     # The multilingual handbook sample (fr, de) is mostly dropped by language ID, with that reason.
     assert stages["crawl_filter"]["debian-handbook"]["dropped"].get("language_id", 0) > 0
@@ -82,6 +85,40 @@ def test_every_document_is_accounted_for(clean_run):
     assert stages["read"]["python-docs"]["dropped"]["warc_request"] > 0
     total_rows = Manifest.load(run_dir).total_rows
     assert total_rows == sum(e["kept"] for e in stages["tokenize"].values())
+
+
+def test_quality_scores_select_by_global_percentile_and_reach_the_shards(clean_run):
+    run_dir, _ = clean_run
+    stats = json.loads((run_dir / "stats.json").read_text())
+    quality, booked = stats["quality"], stats["stages"]["quality"]
+    # The exact distributed threshold of each web source is numpy's percentile over all its scores.
+    scores: dict[str, list[float]] = {}
+    for path in (run_dir / "stages/quality_score").glob("*.scores.arrow"):
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all().to_pydict()
+        for source, score in zip(table["source"], table["score"]):
+            scores.setdefault(source, []).append(score)
+    for source in ("python-docs", "debian-handbook"):
+        values = np.asarray(scores[source], dtype=np.float64)   # float32 scores; interpolated in float64
+        assert quality["sources"][source]["threshold"] == pytest.approx(float(np.percentile(values, 20)), abs=1e-12)
+        kept = int((values >= quality["sources"][source]["threshold"]).sum())
+        assert booked[source]["kept"] == kept
+        assert booked[source]["dropped"].get("quality_below_percentile", 0) == len(values) - kept
+        assert kept >= np.ceil((len(values) - 1) * 0.8 - 1e-9)
+        assert sum(quality["sources"][source]["histogram"]) == len(values)
+    assert booked["python-docs"]["dropped"]["quality_below_percentile"] >= 1
+    assert booked["books"]["kept"] == booked["books"]["in"]            # keep: scored, none dropped
+    assert "threshold" not in quality["sources"]["stdlib"] and quality["sources"]["stdlib"]["scored"] == 0
+    # Books read as reference-quality text, the docs' web pages less so.
+    assert quality["sources"]["books"]["mean_score"] > quality["sources"]["python-docs"]["mean_score"]
+    # Scores travel into the shards: web and books scored, code exempt (null).
+    by_kind: dict[str, list[float]] = {}
+    for shard in Manifest.load(run_dir).shard_paths(run_dir):
+        with ShardReader(shard) as reader:
+            kinds = [k for _, k, _ in reader.documents()]
+            for kind, score in zip(kinds, reader.quality_scores()):
+                by_kind.setdefault(kind, []).append(float(score))
+    assert all(0 <= s <= 1 for s in by_kind["web"] + by_kind["book"])
+    assert all(np.isnan(s) for s in by_kind["code"])
 
 
 def test_rerun_resumes_everything_and_changes_nothing(clean_run, config_path):
@@ -94,9 +131,9 @@ def test_rerun_resumes_everything_and_changes_nothing(clean_run, config_path):
     assert shard_digests(run_dir) == before
 
 
-def test_a_different_config_in_the_same_directory_is_refused(clean_run, tmp_path, corpus):
+def test_a_different_config_in_the_same_directory_is_refused(clean_run, tmp_path, config_path):
     run_dir, _ = clean_run
-    other = yaml.safe_load(write_config(corpus, tmp_path / "c.yaml").read_text())
+    other = yaml.safe_load(config_path.read_text())
     other["tokenize"]["shard_target_mb"] = 1
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(other))
     proc = run_cli("run", str(tmp_path / "c.yaml"), "--output", str(run_dir))

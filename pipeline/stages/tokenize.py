@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,11 +20,21 @@ from pipeline.tokenizer import TokenizerInfo, load_tokenizer
 STAGE = "tokenize"
 
 
+def _scores(metadata: list[str], key: str) -> list[float | None]:
+    out = []
+    for meta in metadata:
+        value = json.loads(meta).get(key)
+        out.append(float(value) if isinstance(value, (int, float)) else None)
+    return out
+
+
 class TokenizeStage(MapStage):
     name = STAGE
 
-    def __init__(self, input_stage: MapStage, tokenizer: TokenizerInfo, shard_target_mb: float, batch_size: int):
+    def __init__(self, input_stage: MapStage, tokenizer: TokenizerInfo, shard_target_mb: float, batch_size: int,
+                 score_key: str | None = None):
         self.input_stage = input_stage
+        self.score_key = score_key   # metadata key of the quality score carried into the shards
         self.tokenizer = tokenizer
         self.target_bytes = int(shard_target_mb * 1024 * 1024)
         self.batch_size = batch_size
@@ -41,17 +52,20 @@ class TokenizeStage(MapStage):
         source_in = self.input_stage.output_path(run_dir, unit)
         try:
             pf = pq.ParquetFile(source_in)
-            for batch in pf.iter_batches(batch_size=self.batch_size, columns=["id", "source", "source_kind", "text"]):
+            columns = ["id", "source", "source_kind", "text"] + (["metadata"] if self.score_key else [])
+            for batch in pf.iter_batches(batch_size=self.batch_size, columns=columns):
                 ids = batch.column("id").to_pylist()
+                scores = (_scores(batch.column("metadata").to_pylist(), self.score_key) if self.score_key
+                          else [None] * batch.num_rows)
                 sources = batch.column("source").to_pylist()
                 kinds = batch.column("source_kind").to_pylist()
                 texts = batch.column("text").to_pylist()
                 encodings = encode(texts, add_special_tokens=False)
-                for doc_id, source, kind, text, enc in zip(ids, sources, kinds, texts, encodings):
+                for doc_id, source, kind, text, enc, score in zip(ids, sources, kinds, texts, encodings, scores):
                     nbytes = len(text.encode("utf-8", "surrogatepass"))
                     ledger.took(STAGE, source, kind, 1, nbytes)
                     tokens = np.concatenate([np.asarray(enc.ids, dtype=dtype), eos])
-                    writer.add(doc_id, source, kind, tokens)
+                    writer.add(doc_id, source, kind, tokens, score)
                     ledger.kept(STAGE, source, kind, 1, nbytes)
             shards = writer.close()
         except BaseException:

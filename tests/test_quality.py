@@ -1,0 +1,232 @@
+"""Quality scoring: the classifier trained on real text separates reference prose from boilerplate, the
+distributed percentile equals numpy's, selection is deterministic, bad models fail before any work."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.config import ConfigError, QualityConfig, parse_config
+from pipeline.quality import select
+from pipeline.quality.metrics import binary_metrics, roc_auc
+from pipeline.quality.model import QualityModel, QualityModelError, inspect_fasttext_file
+from pipeline.quality.train import chunk_text
+from pipeline.sources.base import Unit
+from pipeline.stages.quality import SCORES_SCHEMA, QualityScoreStage, compute_thresholds
+from tests.conftest import run_cli, write_config
+
+
+# --------------------------------------------------------------------------------- the classifier
+@pytest.mark.realdata
+def test_trained_classifier_card_reports_held_out_metrics(quality_model):
+    card = json.loads((quality_model.parent / "card.json").read_text())
+    assert card["sha256"] == QualityModel.load(quality_model, "__label__hq").sha256
+    m = card["holdout"]["metrics"]
+    assert m["roc_auc"] >= 0.9 and m["precision"] >= 0.8 and m["recall"] >= 0.8
+    assert m["tp"] + m["fn"] == card["counts"]["holdout_positive"]
+    assert m["tp"] + m["fp"] + m["fn"] + m["tn"] == card["counts"]["holdout"]
+    assert card["hyperparameters"]["wordNgrams"] == 2
+    assert {s["name"] for s in card["sources"]} == {"books", "python-reference", "docs-index-pages", "ui-strings",
+                                                    "changelogs"}
+    assert card["versions"]["fasttext"] and card["versions"]["jamba-pretrain"]
+
+
+@pytest.mark.realdata
+def test_classifier_separates_unseen_reference_prose_from_unseen_boilerplate(quality_model, python_docs_html):
+    """Texts the classifier never saw: the library reference's prose (it trained on the tutorial, HOWTOs and
+    FAQ) against the Debian changelogs of packages it did not train on."""
+    from pipeline.realdata import debian_package
+
+    model = QualityModel.load(quality_model, "__label__hq")
+    prose = []
+    for path in sorted((python_docs_html / "_sources/library").glob("*.rst.txt"))[:60]:
+        prose += [c for c in chunk_text(path.read_text(), 1200) if len(c) >= 400][:3]
+    boilerplate = []
+    for pkg in ("bible-kjv", "dict-devil", "r-cran-janeaustenr", "python3.11-doc", "debian-handbook", "base-files"):
+        doc = debian_package(pkg) / "root/usr/share/doc"
+        for changelog in [*doc.glob("*/changelog.Debian.gz"), *doc.glob("base-files/changelog.gz")]:
+            boilerplate += [c for c in chunk_text(gzip.decompress(changelog.read_bytes()).decode(), 1200)
+                            if len(c) >= 400][:40]
+    assert len(prose) >= 100 and len(boilerplate) >= 40, (len(prose), len(boilerplate))
+    scores = model.score(prose + boilerplate)
+    labels = np.array([True] * len(prose) + [False] * len(boilerplate))
+    assert roc_auc(labels, scores) >= 0.9
+
+
+@pytest.mark.realdata
+def test_empty_and_odd_documents_score_without_crashing(quality_model):
+    model = QualityModel.load(quality_model, "__label__hq")
+    scores = model.score(["", "\n\n", "\r\n", "word", "\ud800 lone surrogate", "x" * 200_000])
+    assert scores.dtype == np.float32 and np.isfinite(scores).all()
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert model.score([]).shape == (0,)
+
+
+def test_roc_auc_equals_pair_counting_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, size=60).astype(float)       # many ties
+    labels = rng.random(60) < 0.4
+    pairs = [(p, n) for p in scores[labels] for n in scores[~labels]]
+    expected = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+    assert roc_auc(labels, scores) == pytest.approx(expected, abs=1e-12)
+    m = binary_metrics(labels, scores / 5, threshold=0.5)
+    predicted = scores / 5 >= 0.5
+    assert m["precision"] == pytest.approx((predicted & labels).sum() / predicted.sum())
+    assert m["recall"] == pytest.approx((predicted & labels).sum() / labels.sum())
+
+
+def test_chunks_follow_paragraphs_and_lose_no_text():
+    text = "para one line a\npara one line b\n\n" + "long line " * 100 + "\n\nlast"
+    chunks = list(chunk_text(text, 120))
+    assert all(len(c) <= 120 for c in chunks)
+    assert "".join(chunks).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
+    assert chunks[0] == "para one line a\npara one line b"
+
+
+# ------------------------------------------------------------------------------------ model files
+@pytest.mark.realdata
+def test_corrupt_missing_or_mislabelled_models_are_clear_errors(quality_model, tmp_path, lid_model):
+    good = quality_model.read_bytes()
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(good[: len(good) // 2])
+    flipped = tmp_path / "trailing.bin"
+    flipped.write_bytes(good + b"\0" * 16)
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a model" * 100)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    cases = {truncated: "not a complete fastText model", flipped: "unexpected trailing bytes",
+             garbage: "not a fastText model", empty: "empty", tmp_path / "missing.bin": "not found"}
+    for path, message in cases.items():
+        with pytest.raises(QualityModelError, match=message):
+            QualityModel.load(path, "__label__hq")
+    with pytest.raises(QualityModelError, match="'__label__nope' is not one of the model's labels"):
+        QualityModel.load(quality_model, "__label__nope")
+    # An external model by path and label: fastText's language-ID model, P(__label__en).
+    lid = QualityModel.load(lid_model, "__label__en")
+    assert inspect_fasttext_file(lid_model).quantized
+    english, french = lid.score(["The weather is lovely today.", "Il fait très beau aujourd'hui."])
+    assert english > 0.5 > french
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_a_bad_model_stops_the_run_before_any_work(corpus, quality_model, tmp_path):
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(quality_model.read_bytes()[:1000])
+    config = write_config(corpus, tmp_path / "c.yaml", broken)
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", str(config), "--output", str(run_dir), "--no-progress")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: quality.models.default: ")
+    assert "not a complete fastText model" in proc.stderr
+    assert not (run_dir / "stages").exists()
+    proc = run_cli("validate", str(config))
+    assert proc.returncode == 2 and "quality.models.default" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("quality, message", [
+    ({"enabled": True}, "quality: Value error, enabled needs at least one model"),
+    ({"enabled": True, "models": {"m": {"path": "x"}}, "policies": {"web": {"mode": "percentile"}}},
+     "needs keep_percent"),
+    ({"enabled": True, "models": {"m": {"path": "x"}}, "policies": {"default": {"model": "m", "mode": "keep"},
+                                                                      "web": {"mode": "keep"}}},
+     "policies.web.model: 'default' is not a key of quality.models"),
+    ({"enabled": True, "models": {"default": {"path": "x"}}, "policies": {"nosuch": {"mode": "keep"}}},
+     "quality.policies.nosuch: not a source name"),
+    ({"policies": {"web": {"mode": "percentile", "keep_percent": 120}}}, "quality.policies.web.keep_percent"),
+])
+def test_quality_config_errors_name_the_key(quality, message, tmp_path):
+    data = {"sources": [{"name": "w", "kind": "web", "paths": [str(tmp_path)]}], "quality": quality}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(data)
+
+
+def test_policy_lookup_prefers_source_then_kind_then_default():
+    cfg = QualityConfig(enabled=True, models={"default": {"path": "m"}, "code": {"path": "c"}},
+                        policies={"default": {"mode": "keep"}, "web": {"mode": "threshold", "min_score": 0.3},
+                                  "forum": {"mode": "pareto"}, "code": {"mode": "keep", "model": "code"}})
+    assert cfg.policy_for("forum", "web").mode == "pareto"
+    assert cfg.policy_for("crawl", "web").mode == "threshold"
+    assert cfg.policy_for("books", "book").mode == "keep"
+    assert cfg.policy_for("stdlib", "code").model == "code"   # code scored by its own classifier
+
+
+# ------------------------------------------------------------------------------------- selection
+def _write_scores(path: Path, sources: list[str], scores: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"source": pa.array(sources, pa.string()),
+                      "score": pa.array(scores, pa.float32(), mask=np.isnan(scores))}, schema=SCORES_SCHEMA)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCORES_SCHEMA) as writer:
+        writer.write_table(table)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_distributed_percentile_equals_numpy(tmp_path, local_ray):
+    """Scores spread over 7 units and 3 Ray tasks, with ties, a one-document source, NaN (unscored) rows,
+    and a source whose scores pile up at 1.0: every threshold equals numpy.percentile over all of them."""
+    rng = np.random.default_rng(7)
+    by_source = {"web": rng.beta(2, 5, 5003).astype(np.float32),
+                 "ties": rng.choice(np.float32([0.1, 0.25, 0.5, 0.75]), 999),
+                 "one": np.float32([0.3]),
+                 "saturated": np.minimum(rng.random(2000) * 1.5, 1.0).astype(np.float32)}
+    policies = {"web": 70.0, "ties": 33.0, "one": 50.0, "saturated": 10.0}
+    rows = [(s, v) for s, values in by_source.items() for v in values] + [("web", np.nan)] * 11
+    order = rng.permutation(len(rows))
+    units = [Unit(id=f"u{i}", source="mixed", kind="web") for i in range(7)]
+    stage = QualityScoreStage(QualityConfig(), None, {})
+    for unit, part in zip(units, np.array_split(order, len(units))):
+        _write_scores(stage.scores_path(tmp_path, unit), [rows[i][0] for i in part],
+                      np.array([rows[i][1] for i in part], dtype=np.float32))
+    cfg = QualityConfig(enabled=True, models={"default": {"path": "unused"}},
+                        policies={s: {"mode": "percentile", "keep_percent": k} for s, k in policies.items()})
+    # Every unit holds documents of every source: the threshold of each spans all units.
+    units_all = [Unit(id=u.id, source=s, kind="web") for u in units for s in policies]
+    result = compute_thresholds(tmp_path, stage, units_all, cfg, {s: "web" for s in policies}, tasks=3)
+    for source, keep in policies.items():
+        expected = np.percentile(by_source[source].astype(np.float64), 100 - keep)
+        got = result["thresholds"][source]
+        assert got["threshold"] == pytest.approx(float(expected), rel=0, abs=1e-15), source
+        assert got["scored"] == by_source[source].size
+        # numpy's linear interpolation lands between two order statistics: at least (n - 1) * X% are kept.
+        n = by_source[source].size
+        assert (by_source[source] >= got["threshold"]).sum() >= np.ceil((n - 1) * keep / 100 - 1e-9)
+
+
+def test_radix_select_finds_every_order_statistic():
+    values = np.float32([0.0, -0.0, 1.0, 0.5, 0.5, 1e-30, 0.3333, 0.99999994])
+    keys = select.score_keys(values)
+    hist = select.dense([select.high_counts(keys)])
+    for rank, expected in enumerate(np.sort(values.astype(np.float64))):
+        bucket, inner = select.locate(hist, rank)
+        low, _ = select.locate(select.dense([select.low_counts(keys, bucket)]), inner)
+        assert select.key_value(bucket, low) == abs(expected)
+
+
+def test_pareto_selection_is_deterministic_and_placement_free():
+    ids = [f"doc-{i}" for i in range(20000)]
+    scores = np.full(len(ids), 0.5)
+    a = select.pareto_keep(scores, ids, seed=3, alpha=9.0)
+    assert np.array_equal(a, select.pareto_keep(scores, ids, seed=3, alpha=9.0))
+    perm = np.random.default_rng(0).permutation(len(ids))
+    shuffled = select.pareto_keep(scores[perm], [ids[i] for i in perm], seed=3, alpha=9.0)
+    assert np.array_equal(shuffled, a[perm])                      # a decision follows the document
+    assert not np.array_equal(a, select.pareto_keep(scores, ids, seed=4, alpha=9.0))
+    # P(Lomax(alpha) > 1 - s) = (2 - s)^-alpha: 1.5^-9 = 2.60% at s = 0.5 (numpy's pareto semantics).
+    assert a.mean() == pytest.approx(1.5 ** -9, abs=0.005)
+    assert select.pareto_keep(np.ones(len(ids)), ids, 3, 9.0).all()   # score 1: kept whatever the draw
+
