@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import http.server
 import logging
 import os
@@ -48,11 +47,9 @@ def cache_root() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from pipeline.shards import sha256_file
+
+    return sha256_file(path)
 
 
 @contextlib.contextmanager

@@ -26,27 +26,16 @@ optimizer-step peak (activations freed, fp32 partition gradients materialised).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from model.config import JambaConfig
+from model.memory import parse_size  # noqa: F401 - one size syntax for plans and the memory model
 from train.config import TrainConfig
 
 GB, GIB = 10**9, 2**30
 SCAN_BLOCK = 256          # model/scan.py: tokens per checkpointed scan block (one fp32 state kept per block)
 DEFAULT_OVERHEAD_CUDA = 3 * GIB
-
-
-def parse_size(text: str | int | float) -> int:
-    """'80GB' (10^9), '80GiB' (2^30), '512MB', or a number of bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read the size {text!r} (write e.g. 80GB or 80GiB)")
-    power = "_KMGT".index(m.group(2).upper() or "_")
-    return int(float(m.group(1)) * ((1024 if m.group(3) else 1000) ** power))
 
 
 def _norm(dim: int, a: int) -> int:

@@ -8,7 +8,6 @@ overhead per document is one ``str.replace``.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import struct
 from collections.abc import Sequence
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.shards import sha256_file
 
 
 class QualityModelError(ValueError):
@@ -27,14 +28,6 @@ def one_line(text: str, max_chars: int | None = None) -> str:
     if max_chars is not None and len(text) > max_chars:
         text = text[:max_chars]
     return text.replace("\n", " ").replace("\r", " ")
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 FASTTEXT_MAGIC = 793712314
@@ -163,7 +156,7 @@ class QualityModel:
         if label not in labels:
             shown = ", ".join(labels[:8]) + (f", ... ({len(labels)} labels)" if len(labels) > 8 else "")
             raise QualityModelError(f"{path}: label {label!r} is not one of the model's labels ({shown})")
-        return cls(path=path, label=label, sha256=file_digest(path), labels=labels, fasttext_model=model,
+        return cls(path=path, label=label, sha256=sha256_file(path), labels=labels, fasttext_model=model,
                    header=header, max_chars=max_chars)
 
     def score(self, texts: Sequence[str]) -> np.ndarray:

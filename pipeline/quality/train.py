@@ -38,7 +38,8 @@ from pipeline.config import (
 )
 from pipeline.ledger import Ledger
 from pipeline.quality.metrics import binary_metrics
-from pipeline.quality.model import QualityModel, file_digest, one_line
+from pipeline.quality.model import QualityModel, one_line
+from pipeline.shards import sha256_file
 
 log = logging.getLogger("pipeline.quality")
 MODEL_NAME = "model.bin"
@@ -281,7 +282,7 @@ def train_classifier(cfg: QualityTrainConfig, output: Path, progress: bool = Fal
         mask = np.array([r[1] == source for r in holdout_rows])
         per_source[source] = {"examples": int(mask.sum()), "mean_score": round(float(scores[mask].mean()), 6)}
     card = {
-        "model": MODEL_NAME, "sha256": file_digest(model_path), "bytes": model_path.stat().st_size,
+        "model": MODEL_NAME, "sha256": sha256_file(model_path), "bytes": model_path.stat().st_size,
         "labels": {"positive": cfg.positive_label, "negative": cfg.negative_label},
         "score": f"P({cfg.positive_label})",
         "sources": sources_card,
