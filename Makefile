@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,demo,train]"
+	$(PY) -m pip install -q -e ".[dev,demo,train,airflow]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -230,3 +230,16 @@ def test_pareto_selection_is_deterministic_and_placement_free():
     assert a.mean() == pytest.approx(1.5 ** -9, abs=0.005)
     assert select.pareto_keep(np.ones(len(ids)), ids, 3, 9.0).all()   # score 1: kept whatever the draw
 
+
+
+@pytest.mark.realdata
+def test_training_is_reproducible(quality_model, corpus, tmp_path):
+    """The same data, seed and settings (one fastText thread) give a byte-identical model."""
+    from pipeline.quality.train import load_train_config, train_classifier
+    from tests.conftest import write_quality_train_config
+
+    config = write_quality_train_config(corpus, tmp_path / "train.yaml", tmp_path / "again")
+    card = train_classifier(load_train_config(config), tmp_path / "again")
+    first = json.loads((quality_model.parent / "card.json").read_text())
+    assert card["sha256"] == first["sha256"]
+    assert card["training_attempts"] == [{"lr": 0.1, "error": None}]

@@ -234,8 +234,6 @@ def collect_examples(src: LabelledSource, seed: int) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------- training
 def train_classifier(cfg: QualityTrainConfig, output: Path, progress: bool = False) -> dict[str, Any]:
     """Build the labelled set, train, evaluate on the held-out split, write ``model.bin`` + ``card.json``."""
-    import fasttext
-
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     classes: dict[str, list[tuple[str, str, str]]] = {"positive": [], "negative": []}
@@ -269,10 +267,9 @@ def train_classifier(cfg: QualityTrainConfig, output: Path, progress: bool = Fal
             for label, _, _, text in train_rows:
                 fh.write(f"{label} {text}\n")
         params = cfg.fasttext.as_kwargs()
-        model, attempts = _train_with_retries(fasttext, train_file, params, cfg.seed, progress)
         model_path = output / MODEL_NAME
         with atomic_path(model_path) as tmp:
-            model.save_model(str(tmp))
+            attempts = _train_with_retries(train_file, params, cfg.seed, progress, tmp)
     trained = QualityModel.load(model_path, cfg.positive_label)
     labels = np.array([r[0] == cfg.positive_label for r in holdout_rows])
     scores = trained.score([r[3] for r in holdout_rows])
@@ -302,22 +299,28 @@ def train_classifier(cfg: QualityTrainConfig, output: Path, progress: bool = Fal
     return card
 
 
-def _train_with_retries(fasttext, train_file: Path, params: dict[str, Any], seed: int, progress: bool):
-    """fastText stops with "Encountered NaN" when SGD diverges. It has also been seen here on the first
-    training of a process with settings that then train cleanly, so: retry once as configured, then at
-    half the learning rate, and say so in the card."""
+def _train_with_retries(train_file: Path, params: dict[str, Any], seed: int, progress: bool,
+                        model_path: Path) -> list[dict[str, Any]]:
+    """Train in a fresh process (``fasttext_worker``). fastText stops with "Encountered NaN" when SGD
+    diverges: retry once as configured, then at half the learning rate, and say so in the card."""
+    import multiprocessing
+
+    from pipeline.quality.fasttext_worker import train_and_save
+
     attempts: list[dict[str, Any]] = []
+    context = multiprocessing.get_context("spawn")
     for lr in (params["lr"], params["lr"], params["lr"] / 2):
-        try:
-            model = fasttext.train_supervised(input=str(train_file), seed=seed, verbose=2 if progress else 0,
-                                              **{**params, "lr": lr})
-        except RuntimeError as exc:
-            attempts.append({"lr": lr, "error": str(exc)})
-            log.warning("quality train: fastText failed at lr %g (%s); retrying", lr, exc)
-            continue
+        with context.Pool(1) as pool:
+            try:
+                pool.apply(train_and_save, (str(train_file), {**params, "lr": lr}, seed, 2 if progress else 0,
+                                            str(model_path)))
+            except RuntimeError as exc:
+                attempts.append({"lr": lr, "error": str(exc)})
+                log.warning("quality train: fastText failed at lr %g (%s); retrying", lr, exc)
+                continue
         attempts.append({"lr": lr, "error": None})
         params["lr"] = lr
-        return model, attempts
+        return attempts
     raise ConfigError(f"quality train: fastText training failed {len(attempts)} times ({attempts[-1]['error']}); "
                       f"try a lower fasttext.lr or a different fasttext.dim / fasttext.bucket")
 
