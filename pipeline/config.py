@@ -335,19 +335,23 @@ def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """A YAML file's content, or a one-line ``ConfigError`` (unreadable file, YAML syntax with its line)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         raise ConfigError(f"{path}: invalid YAML at {where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
+    return parse_config(read_yaml(path), str(path))
 
 
 def _check_datatrove_params(cfg: PipelineConfig, source: str) -> None:

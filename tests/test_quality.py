@@ -243,3 +243,19 @@ def test_training_is_reproducible(quality_model, corpus, tmp_path):
     first = json.loads((quality_model.parent / "card.json").read_text())
     assert card["sha256"] == first["sha256"]
     assert card["training_attempts"] == [{"lr": 0.1, "error": None}]
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "cannot read config"),
+    ("positive: [\n", "invalid YAML at line 2"),
+    ("positive: []\nnegative: []\n", "positive: List should have at least 1 item"),
+    ("positive: [{name: a, paths: [/no/such/dir]}]\nnegative: [{name: b, paths: [/tmp]}]\n",
+     "positive[0].paths[0]: /no/such/dir does not exist"),
+])
+def test_quality_train_config_errors_are_one_line(text, message, tmp_path):
+    config = tmp_path / "train.yaml"
+    if text is not None:
+        config.write_text(text)
+    proc = run_cli("quality", "train", "--config", str(config))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.atomic import atomic_path, write_json
@@ -35,6 +34,7 @@ from pipeline.config import (
     SourceKind,
     _format_validation_error,
     expand,
+    read_yaml,
 )
 from pipeline.ledger import Ledger
 from pipeline.quality.metrics import binary_metrics
@@ -116,12 +116,7 @@ class QualityTrainConfig(_Strict):
 
 def load_train_config(path: str | os.PathLike[str]) -> QualityTrainConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     try:
