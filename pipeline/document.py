@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.data import Document
@@ -71,6 +72,12 @@ def write_documents(path: Path, docs: Iterable[Document]) -> tuple[int, int]:
         if batch:
             writer.write_batch(_to_batch(batch))
     return count, nbytes
+
+
+def metadata_scores(metadata: list[str], key: str) -> np.ndarray:
+    """The numeric ``key`` of each document's JSON metadata as float64; NaN where it is absent."""
+    values = (json.loads(m).get(key) for m in metadata)
+    return np.array([float(v) if isinstance(v, (int, float)) else np.nan for v in values], dtype=np.float64)
 
 
 def read_documents(path: Path, batch_size: int = _WRITE_BATCH) -> Iterator[Document]:

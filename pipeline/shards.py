@@ -73,6 +73,11 @@ class ShardInfo:
     sources: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> {rows, tokens}
 
 
+def _nullable_scores(scores: Sequence[float | None]) -> pa.Array:
+    values = np.array([np.nan if s is None else s for s in scores], dtype=np.float32)
+    return pa.array(values, pa.float32(), mask=np.isnan(values))   # not scored: null, never NaN
+
+
 class ShardWriter:
     """Append tokenized documents; rolls over to a new shard file past ``target_bytes``.
 
@@ -115,7 +120,7 @@ class ShardWriter:
         tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
         batch = pa.RecordBatch.from_arrays(
             [pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(kinds, pa.string()),
-             pa.array(lengths), tokens, pa.array(scores, pa.float32())], schema=self.schema)
+             pa.array(lengths), tokens, _nullable_scores(scores)], schema=self.schema)
         if self._writer is None:
             self._open()
         assert self._writer is not None

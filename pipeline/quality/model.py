@@ -8,6 +8,7 @@ overhead per document is one ``str.replace``.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from collections.abc import Sequence
@@ -131,7 +132,6 @@ def _walk(buf: mmap.mmap, size: int, path: Path) -> FastTextHeader:
 class QualityModel:
     path: Path
     label: str
-    sha256: str
     labels: list[str]
     fasttext_model: object
     header: FastTextHeader
@@ -156,8 +156,13 @@ class QualityModel:
         if label not in labels:
             shown = ", ".join(labels[:8]) + (f", ... ({len(labels)} labels)" if len(labels) > 8 else "")
             raise QualityModelError(f"{path}: label {label!r} is not one of the model's labels ({shown})")
-        return cls(path=path, label=label, sha256=sha256_file(path), labels=labels, fasttext_model=model,
+        return cls(path=path, label=label, labels=labels, fasttext_model=model,
                    header=header, max_chars=max_chars)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The file's digest, computed on first use (the driver records it; scoring actors never need it)."""
+        return sha256_file(self.path)
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
         """P(label) for each text, as float32 in [0, 1]. An empty text gets the model's prior-like score."""

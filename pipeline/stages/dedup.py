@@ -41,6 +41,7 @@ from pipeline.dedup.graph import (
     unique_edges,
 )
 from pipeline.dedup.minhash import MinHasher, band_keys, estimated_jaccard, exact_key, lsh_params, scope_hash
+from pipeline.document import metadata_scores
 from pipeline.ledger import Ledger
 from pipeline.sources.base import Unit
 from pipeline.stages.base import STAGES_DIR, MapStage
@@ -85,7 +86,9 @@ class DedupSignatureStage(MapStage):
                               columns=["id", "source_kind", "text", "metadata"])
         ids = table.column("id").to_pylist()
         n = len(ids)
-        scores = _scores(table.column("metadata").to_pylist(), p["score_key"])
+        scores = metadata_scores(table.column("metadata").to_pylist(), p["score_key"])
+        if np.isnan(scores).all():
+            scores = None
         nodes = node_key(ids, scores, indexed=False)
         sigs = np.zeros((n, p["num_perm"]), dtype=np.uint64)
         has_sig = np.zeros(n, dtype=bool)
@@ -140,13 +143,6 @@ class DedupSignatureStage(MapStage):
         with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
                 pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
-
-
-def _scores(metadata: list[str], key: str) -> np.ndarray | None:
-    values = [json.loads(m).get(key) for m in metadata]
-    if not any(v is not None for v in values):
-        return None
-    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------ phase 2

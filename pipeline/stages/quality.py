@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, read_json, write_json
@@ -258,7 +259,7 @@ class QualitySelectStage(MapStage):
         scores_table = pa.ipc.open_file(pa.memory_map(str(self.score_stage.scores_path(run_dir, unit)))).read_all()
         scores = scores_table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
         ids = table.column("id").to_pylist()
-        nbytes = [len(t.encode("utf-8", "surrogatepass")) for t in table.column("text").to_pylist()]
+        nbytes = pc.binary_length(table.column("text")).to_pylist()     # UTF-8 bytes, no Python strings
         keep = self._decide(policy, unit.source, scores, ids)
         unscored = np.isnan(scores) & (policy.mode != "exempt")
         for i, (source, kind) in enumerate(zip(table.column("source").to_pylist(),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.document import metadata_scores
 from pipeline.ledger import Ledger
 from pipeline.shards import ShardWriter
 from pipeline.sources.base import Unit
@@ -18,14 +18,6 @@ from pipeline.stages.base import MapStage, worker_cached
 from pipeline.tokenizer import TokenizerInfo, load_tokenizer
 
 STAGE = "tokenize"
-
-
-def _scores(metadata: list[str], key: str) -> list[float | None]:
-    out = []
-    for meta in metadata:
-        value = json.loads(meta).get(key)
-        out.append(float(value) if isinstance(value, (int, float)) else None)
-    return out
 
 
 class TokenizeStage(MapStage):
@@ -55,8 +47,8 @@ class TokenizeStage(MapStage):
             columns = ["id", "source", "source_kind", "text"] + (["metadata"] if self.score_key else [])
             for batch in pf.iter_batches(batch_size=self.batch_size, columns=columns):
                 ids = batch.column("id").to_pylist()
-                scores = (_scores(batch.column("metadata").to_pylist(), self.score_key) if self.score_key
-                          else [None] * batch.num_rows)
+                scores = (metadata_scores(batch.column("metadata").to_pylist(), self.score_key) if self.score_key
+                          else np.full(batch.num_rows, np.nan))
                 sources = batch.column("source").to_pylist()
                 kinds = batch.column("source_kind").to_pylist()
                 texts = batch.column("text").to_pylist()
