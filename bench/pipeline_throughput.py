@@ -1,19 +1,25 @@
-"""Per-core pipeline throughput on the real demo corpus, side by side with the reference tools, in one run.
+"""Per-core pipeline throughput on real data, side by side with the reference tools, in one run.
 
-Measured on one core each (RAYON_NUM_THREADS=1, one process), in this order:
+Measured on one core each (RAYON_NUM_THREADS=1, one process; our extraction child runs while its parent
+waits, so one core is busy at a time), on the web benchmark corpus (``fetch-web``: ~2,650 real pages of
+Python's docs, the Debian handbook in 10 locales, the Apache manual in 12; 13 WARC files):
 
-1. web crawl-filter, end to end: WARC -> trafilatura -> URL -> language ID -> Gopher repetition ->
-   Gopher quality -> C4 -> FineWeb -> written output.
-   ours:      ``CrawlFilterStage.run_unit`` over the web units (Parquet output)
-   datatrove: ``LocalPipelineExecutor(tasks=1, workers=1)`` with WarcReader, Trafilatura and the same
-              filters with the same parameters, JsonlWriter output
-2. crawl filters alone on the same extracted documents (no extraction, no I/O): ours vs datatrove's
-   filter objects called in the same loop.
-3. tokenize: ``TokenizeStage.run_unit`` (read Parquet, encode, append EOS, write Arrow shards) vs raw
-   ``tokenizers.Tokenizer.encode_batch`` on the same texts.
+1. WARC reading alone: warcio's ArchiveIterator, FastWARC's ArchiveIterator, and ours (gzip members +
+   framing with exact accounting, FastWARC parsing each record): response pages/s and WARC MB/s.
+2. web crawl-filter end to end (WARC -> URL -> extraction -> language ID -> C4 -> FineWeb -> Gopher ->
+   written Parquet), pages/s and WARC MB/s:
+   ours-resiliparse, ours-trafilatura: ``CrawlFilterStage.run_unit`` over the web units (defaults:
+              per-page time limit on, so extraction runs in the sandbox child)
+   datatrove: ``LocalPipelineExecutor(tasks=1, workers=1)`` with WarcReader, Trafilatura(favour_precision)
+              and URL, language, Gopher x2, C4, FineWeb filters with the same parameters, JsonlWriter
+   plus our per-step breakdown (stats.json ``step_seconds``) and the extractor comparison: pages kept by
+   each extractor, characters per kept page, agreement of the keep/drop decisions.
+3. crawl filters alone on the same Resiliparse-extracted documents (no extraction, no I/O): ours vs
+   datatrove's filter objects in FineWeb's order, with the decisions compared document by document.
+4. tokenize (demo corpus): ``TokenizeStage.run_unit`` vs raw ``tokenizers.Tokenizer.encode_batch``.
 
 Ratios (ours / reference, higher is better) are the result; absolute numbers vary with the machine.
-Usage: python bench/pipeline_throughput.py [--scale demo|test] [--json bench/results/pipeline_throughput.json]
+Usage: python bench/pipeline_throughput.py [--scale demo|test] [--skip-datatrove] [--json PATH]
 """
 
 from __future__ import annotations
@@ -67,48 +73,151 @@ def _datatrove_filters(cfg):
             C4QualityFilter(**web.c4.params), FineWebQualityFilter(**web.fineweb.params)]
 
 
-def bench_crawl_filter(cfg, units, work: Path) -> dict:
+def web_config(web_root: Path, extractor: str = "resiliparse"):
+    from pipeline.config import parse_config
+
+    parts = ["python-docs", "debian-handbook", "apache-manual", "charsets"]
+    return parse_config({"sources": [{"name": p, "kind": "web", "paths": [str(web_root / p)]} for p in parts],
+                         "crawl_filter": {"web": {"extractor": extractor}}})
+
+
+def bench_warc_reading(warcs: list[Path]) -> dict:
+    from fastwarc.warc import ArchiveIterator as FastIterator
+    from fastwarc.warc import WarcRecordType
+    from warcio.archiveiterator import ArchiveIterator as WarcioIterator
+
+    from pipeline.config import SourceConfig
+    from pipeline.ledger import Ledger
+    from pipeline.sources import reader_for
+    from pipeline.sources.base import InputFile
+
+    def warcio_pages() -> int:
+        n = 0
+        for path in warcs:
+            with open(path, "rb") as fh:
+                for record in WarcioIterator(fh):
+                    if record.rec_type == "response":
+                        record.content_stream().read()
+                        n += 1
+        return n
+
+    def fastwarc_pages() -> int:
+        n = 0
+        for path in warcs:
+            for record in FastIterator(str(path), record_types=WarcRecordType.response, parse_http=True):
+                record.reader.read()
+                n += 1
+        return n
+
+    reader = reader_for(SourceConfig(name="w", kind="web", paths=[str(warcs[0])]))
+
+    def ours_pages() -> int:
+        ledger = Ledger()
+        for path in warcs:
+            for _ in reader.read(InputFile(str(path), path.name, path.stat().st_size), ledger):
+                pass
+        return sum(e["in"] - e["dropped"].get("warc_request", 0) - e["dropped"].get("warc_warcinfo", 0)
+                   for e in ledger.stats(["read"])["stages"]["read"].values())
+
+    mb = sum(p.stat().st_size for p in warcs) / 1e6
+    out = {"warc_mb": mb}
+    for name, fn in (("warcio", warcio_pages), ("fastwarc", fastwarc_pages), ("ours", ours_pages)):
+        fn()
+        seconds = min(_timed(fn) for _ in range(3))
+        out[f"{name}_s"] = seconds
+        out[f"{name}_mb_per_s"] = mb / seconds
+    out["responses"] = fastwarc_pages()
+    out["ratio_vs_warcio"] = out["warcio_s"] / out["ours_s"]
+    out["ratio_vs_fastwarc"] = out["fastwarc_s"] / out["ours_s"]
+    return out
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def run_ours(cfg, work: Path) -> tuple[float, dict, dict[str, int]]:
+    """(seconds, stats per stage and source, kept characters per kept page id)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.ledger import Ledger
+    from pipeline.sources import plan_units
+    from pipeline.stages.crawl_filter import CrawlFilterStage
+
+    units = plan_units(cfg)
+    stage = CrawlFilterStage(cfg)
+    stage.run_unit(min(units, key=lambda u: u.size), work / "warmup")  # models loaded, child started
+    ledger = Ledger()
+    started = time.perf_counter()
+    for unit in units:
+        ledger.merge(Ledger.from_json(stage.run_unit(unit, work)["ledger"]))
+    seconds = time.perf_counter() - started
+    kept: dict[str, int] = {}
+    for unit in units:
+        table = pq.read_table(stage.output_path(work, unit), columns=["id", "text"]).to_pydict()
+        kept.update({i: len(t) for i, t in zip(table["id"], table["text"])})
+    stats = ledger.stats(["read", "crawl_filter"])
+    assert stats["invariant_ok"], stats["violations"]
+    return seconds, stats["stages"], kept
+
+
+def run_datatrove(cfg, warcs: list[Path], work: Path) -> tuple[float, int]:
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.extractors import Trafilatura
     from datatrove.pipeline.readers import WarcReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    from pipeline.ledger import Ledger
-    from pipeline.stages.crawl_filter import CrawlFilterStage
-
-    web_units = [u for u in units if u.kind == "web"]
-    stage = CrawlFilterStage(cfg)
-    stage.run_unit(web_units[0], work / "warmup")  # load models once, as a long-running worker would
-    started = time.perf_counter()
-    ledger = Ledger()
-    for unit in web_units:
-        ledger.merge(Ledger.from_json(stage.run_unit(unit, work / "ours")["ledger"]))
-    ours_s = time.perf_counter() - started
-    stats = ledger.stats(["read", "crawl_filter"])["stages"]
-    records = sum(e["in"] for e in stats["read"].values())
-    pages = sum(e["kept"] + e["dropped"].get("no_text_extracted", 0) for e in stats["read"].values())
-    kept = sum(e["kept"] for e in stats["crawl_filter"].values())
-    warc_bytes = sum(f.size for u in web_units for f in u.files)
-
     warc_dir = work / "warcs"
     warc_dir.mkdir()
-    for unit in web_units:
-        for f in unit.files:
-            os.symlink(f.url, warc_dir / Path(f.url).name)
+    for i, path in enumerate(warcs):
+        os.symlink(path, warc_dir / f"{i:02d}-{path.name}")
     pipeline = [WarcReader(str(warc_dir), glob_pattern="*.warc.gz"),
                 # timeout generous enough that no page of the corpus times out: the same pages reach the filters
                 Trafilatura(favour_precision=True, timeout=60.0),
                 *_datatrove_filters(cfg), JsonlWriter(str(work / "datatrove-out"))]
     executor = LocalPipelineExecutor(pipeline=pipeline, tasks=1, workers=1, logging_dir=str(work / "dt-logs"))
-    started = time.perf_counter()
-    executor.run()
-    datatrove_s = time.perf_counter() - started
-    dt_kept = sum(1 for p in (work / "datatrove-out").glob("*") for _ in _lines(p))
-    return {"pages": pages, "warc_records": records, "warc_mb": warc_bytes / 1e6, "kept_ours": kept,
-            "kept_datatrove": dt_kept, "ours_s": ours_s, "datatrove_s": datatrove_s,
-            "ours_pages_per_s": pages / ours_s, "datatrove_pages_per_s": pages / datatrove_s,
-            "ours_mb_per_s": warc_bytes / 1e6 / ours_s, "datatrove_mb_per_s": warc_bytes / 1e6 / datatrove_s,
-            "ratio": datatrove_s / ours_s}
+    seconds = _timed(executor.run)
+    return seconds, sum(1 for p in (work / "datatrove-out").glob("*") for _ in _lines(p))
+
+
+def bench_crawl_filter(web_root: Path, warcs: list[Path], work: Path, skip_datatrove: bool) -> dict:
+    mb = sum(p.stat().st_size for p in warcs) / 1e6
+    out: dict = {"warc_mb": mb, "warc_files": len(warcs)}
+    decisions: dict[str, dict[str, int]] = {}
+    for extractor in ("resiliparse", "trafilatura"):
+        cfg = web_config(web_root, extractor)
+        seconds, stages, kept = run_ours(cfg, work / extractor)
+        pages = sum(e["kept"] for e in stages["read"].values())
+        steps: dict[str, float] = {}
+        for entry in stages["crawl_filter"].values():
+            for step, sec in entry.get("step_seconds", {}).items():
+                steps[step] = steps.get(step, 0.0) + sec
+        dropped: dict[str, int] = {}
+        for entry in stages["crawl_filter"].values():
+            for reason, n in entry["dropped"].items():
+                key = reason.split(":")[0]
+                dropped[key] = dropped.get(key, 0) + n
+        out[extractor] = {"seconds": seconds, "pages": pages, "pages_per_s": pages / seconds,
+                          "mb_per_s": mb / seconds, "kept": len(kept), "mean_kept_chars":
+                          sum(kept.values()) / max(1, len(kept)), "step_ms_per_page":
+                          {k: 1000 * v / pages for k, v in sorted(steps.items(), key=lambda kv: -kv[1])},
+                          "dropped_by_step": dropped}
+        decisions[extractor] = kept
+    pages = out["resiliparse"]["pages"]
+    a, b = set(decisions["resiliparse"]), set(decisions["trafilatura"])
+    out["extractor_agreement"] = {"both_kept": len(a & b), "only_resiliparse": len(a - b),
+                                  "only_trafilatura": len(b - a), "both_dropped": pages - len(a | b),
+                                  "agreement": (pages - len(a ^ b)) / pages}
+    if not skip_datatrove:
+        cfg = web_config(web_root)
+        seconds, kept = run_datatrove(cfg, warcs, work)
+        out["datatrove"] = {"seconds": seconds, "pages_per_s": pages / seconds, "mb_per_s": mb / seconds,
+                            "kept": kept}
+        for extractor in ("resiliparse", "trafilatura"):
+            out[extractor]["ratio_vs_datatrove"] = seconds / out[extractor]["seconds"]
+    return out
 
 
 def _lines(path: Path):
@@ -119,45 +228,53 @@ def _lines(path: Path):
         yield from fh
 
 
-def bench_filters_only(cfg, work: Path) -> dict:
+def bench_filters_only(web_root: Path, warcs: list[Path]) -> dict:
     from copy import deepcopy
 
+    from datatrove.data import Document
+
     from pipeline.config import SourceConfig
-    from pipeline.filters.registry import build_filters
+    from pipeline.extract import ExtractSettings, HtmlToText
+    from pipeline.filters.web import build_text_steps, run_text_steps
     from pipeline.ledger import Ledger
     from pipeline.sources import reader_for
     from pipeline.sources.base import InputFile
 
-    # The read stage's output (before any filter), so both sides see every extracted page.
+    cfg = web_config(web_root)
+    reader = reader_for(SourceConfig(name="w", kind="web", paths=[str(web_root)]))
+    to_text = HtmlToText(ExtractSettings())
     extracted = []
-    for source in cfg.sources:
-        if source.kind != "web":
-            continue
-        reader = reader_for(SourceConfig(**source.model_dump()))
-        for entry in source.paths:
-            for warc in sorted(Path(entry).rglob("*.warc.gz")):
-                extracted += list(reader.read(InputFile(str(warc), warc.name, warc.stat().st_size), Ledger()))
-    ours = build_filters("web", cfg.crawl_filter)
-    theirs = _datatrove_filters(cfg)
+    for path in warcs:
+        for page in reader.read(InputFile(str(path), path.name, path.stat().st_size), Ledger()):
+            result = to_text(page.body, page.header_charset)
+            if result.outcome == "kept":
+                extracted.append(Document(text=result.text, id=page.id, metadata=dict(page.metadata)))
+    ours = build_text_steps(cfg.crawl_filter)
+    theirs = _datatrove_filters(cfg)[1:]  # FineWeb's order, without the URL filter (no text work)
     mb = sum(len(d.text.encode()) for d in extracted) / 1e6
 
-    def run(filters, call) -> float:
-        batch = deepcopy(extracted)
-        started = time.perf_counter()
-        for doc in batch:
-            for flt in filters:
-                if not call(flt, doc):
-                    break
-        return time.perf_counter() - started
+    def run_theirs(batch) -> list[bool]:
+        return [all(_keep(f.filter(d)) for f in theirs) for d in batch]
 
-    run(ours, lambda f, d: f(d)[0])  # warm-up: models and word splitters loaded
-    run(theirs, lambda f, d: _keep(f.filter(d)))
-    ours_s = run(ours, lambda f, d: f(d)[0])
-    theirs_s = run(theirs, lambda f, d: _keep(f.filter(d)))
+    def run_mine(batch) -> list[bool]:
+        seconds: dict[str, float] = {}
+        return [run_text_steps(d, ours, seconds)[0] == "kept" for d in batch]
+
+    run_mine(deepcopy(extracted[:50]))  # warm-up: models and word splitters loaded
+    run_theirs(deepcopy(extracted[:50]))
+    batch = deepcopy(extracted)
+    started = time.perf_counter()
+    theirs_kept = run_theirs(batch)
+    theirs_s = time.perf_counter() - started
+    batch = deepcopy(extracted)
+    started = time.perf_counter()
+    ours_kept = run_mine(batch)
+    ours_s = time.perf_counter() - started
     n = len(extracted)
     return {"documents": n, "mb": mb, "ours_s": ours_s, "datatrove_s": theirs_s, "ours_docs_per_s": n / ours_s,
             "datatrove_docs_per_s": n / theirs_s, "ours_mb_per_s": mb / ours_s, "datatrove_mb_per_s": mb / theirs_s,
-            "ratio": theirs_s / ours_s}
+            "ratio": theirs_s / ours_s, "kept": sum(ours_kept),
+            "decisions_differ": sum(a != b for a, b in zip(ours_kept, theirs_kept))}
 
 
 def _keep(result) -> bool:
@@ -210,48 +327,66 @@ def bench_tokenize(cfg, units, work: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", default="demo", choices=["test", "demo", "full"])
+    parser.add_argument("--scale", default="demo", choices=["test", "demo", "full"], help="corpus for tokenize")
+    parser.add_argument("--skip-datatrove", action="store_true", help="skip the (slow) datatrove end-to-end run")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/pipeline_throughput.json")
     args = parser.parse_args()
 
     from pipeline.config import load_config
-    from pipeline.realdata import build_demo_corpus, lid_model_path
+    from pipeline.realdata import build_demo_corpus, build_web_corpus, lid_model_path
     from pipeline.sources import plan_units
 
+    web = build_web_corpus()
     corpus = build_demo_corpus(scale=args.scale)
     os.environ["JAMBA_DEMO_DATA"] = str(corpus.root)
     cfg = load_config(ROOT / "configs/pipeline/demo.yaml")
     units = plan_units(cfg)
     _datatrove_lid_cache(lid_model_path())
-    results = {"scale": args.scale, "python": sys.version.split()[0]}
+    results = {"scale": args.scale, "python": sys.version.split()[0], "web_corpus": str(web.root)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        print("WARC reading ...", file=sys.stderr)
+        results["warc_reading"] = bench_warc_reading(web.warcs)
         print("crawl-filter end to end (web) ...", file=sys.stderr)
-        results["crawl_filter_end_to_end"] = bench_crawl_filter(cfg, units, work)
+        results["crawl_filter_end_to_end"] = bench_crawl_filter(web.root, web.warcs, work / "e2e", args.skip_datatrove)
         print("crawl filters only ...", file=sys.stderr)
-        results["crawl_filters_only"] = bench_filters_only(cfg, work)
+        results["crawl_filters_only"] = bench_filters_only(web.root, web.warcs)
         print("tokenize ...", file=sys.stderr)
         results["tokenize"] = bench_tokenize(cfg, units, work)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
-
-    e2e, flt, tok = results["crawl_filter_end_to_end"], results["crawl_filters_only"], results["tokenize"]
-    print(f"\n{'measure (1 core)':<44}{'ours':>12}{'reference':>12}{'ratio':>8}")
-    print(f"{'web crawl-filter e2e, pages/s':<44}{e2e['ours_pages_per_s']:>12.2f}{e2e['datatrove_pages_per_s']:>12.2f}"
-          f"{e2e['ratio']:>8.2f}   (datatrove LocalPipelineExecutor)")
-    print(f"{'web crawl-filter e2e, WARC MB/s':<44}{e2e['ours_mb_per_s']:>12.2f}{e2e['datatrove_mb_per_s']:>12.2f}")
-    print(f"{'crawl filters only, docs/s':<44}{flt['ours_docs_per_s']:>12.1f}{flt['datatrove_docs_per_s']:>12.1f}"
-          f"{flt['ratio']:>8.2f}   (datatrove filter objects)")
-    print(f"{'crawl filters only, text MB/s':<44}{flt['ours_mb_per_s']:>12.2f}{flt['datatrove_mb_per_s']:>12.2f}")
-    print(f"{'tokenize incl. Arrow shards, text MB/s':<44}{tok['ours_mb_per_s']:>12.2f}{tok['raw_mb_per_s']:>12.2f}"
-          f"{tok['ratio']:>8.2f}   (raw tokenizers encode_batch)")
-    if tok["raw_fast_mb_per_s"]:
-        print(f"{'':<44}{'':>12}{tok['raw_fast_mb_per_s']:>12.2f}{tok['ratio_vs_fast']:>8.2f}   "
-              f"(raw encode_batch_fast, no offsets)")
-    print(f"\npages {e2e['pages']} ({e2e['warc_mb']:.1f} MB of WARC), kept ours {e2e['kept_ours']} / datatrove "
-          f"{e2e['kept_datatrove']}; tokenized {tok['documents']} documents, {tok['mb']:.1f} MB")
+    print_report(results)
     print(f"results: {args.json}")
     return 0
+
+
+def print_report(results: dict) -> None:
+    rd, e2e, flt, tok = (results[k] for k in ("warc_reading", "crawl_filter_end_to_end", "crawl_filters_only",
+                                               "tokenize"))
+    res, tra, dt = e2e["resiliparse"], e2e["trafilatura"], e2e.get("datatrove")
+    print(f"\n{'measure (1 core)':<46}{'ours':>10}{'reference':>11}{'ratio':>8}")
+    print(f"{'WARC reading, MB/s (vs warcio)':<46}{rd['ours_mb_per_s']:>10.1f}{rd['warcio_mb_per_s']:>11.1f}"
+          f"{rd['ratio_vs_warcio']:>8.2f}")
+    print(f"{'WARC reading, MB/s (vs FastWARC iterator)':<46}{rd['ours_mb_per_s']:>10.1f}"
+          f"{rd['fastwarc_mb_per_s']:>11.1f}{rd['ratio_vs_fastwarc']:>8.2f}")
+    for name, run in (("resiliparse", res), ("trafilatura", tra)):
+        ref = f"{dt['pages_per_s']:>11.2f}{run['ratio_vs_datatrove']:>8.2f}" if dt else ""
+        print(f"{'web crawl-filter e2e, pages/s, ours-' + name:<46}{run['pages_per_s']:>10.2f}{ref}")
+    if dt:
+        print(f"{'web crawl-filter e2e, WARC MB/s, ours-resiliparse':<46}{res['mb_per_s']:>10.3f}{dt['mb_per_s']:>11.3f}")
+    print(f"{'crawl filters only, docs/s':<46}{flt['ours_docs_per_s']:>10.1f}{flt['datatrove_docs_per_s']:>11.1f}"
+          f"{flt['ratio']:>8.2f}   decisions differing: {flt['decisions_differ']}")
+    print(f"{'tokenize incl. Arrow shards, text MB/s':<46}{tok['ours_mb_per_s']:>10.2f}{tok['raw_mb_per_s']:>11.2f}"
+          f"{tok['ratio']:>8.2f}")
+    print(f"\npages {res['pages']} ({e2e['warc_mb']:.1f} MB of WARC); kept: resiliparse {res['kept']}, trafilatura "
+          f"{tra['kept']}" + (f", datatrove {dt['kept']}" if dt else ""))
+    agree = e2e["extractor_agreement"]
+    print(f"extractors agree on {agree['agreement']:.1%} of pages ({agree['both_kept']} kept by both, "
+          f"{agree['only_resiliparse']} only resiliparse, {agree['only_trafilatura']} only trafilatura); "
+          f"characters per kept page: {res['mean_kept_chars']:.0f} vs {tra['mean_kept_chars']:.0f}")
+    for name, run in (("resiliparse", res), ("trafilatura", tra)):
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in run["step_ms_per_page"].items())
+        print(f"ms per page, ours-{name}: {steps}")
 
 
 if __name__ == "__main__":

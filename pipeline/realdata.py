@@ -17,6 +17,7 @@ import gzip
 import http.server
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,14 +180,24 @@ def _devil_book(dest: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- web
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    content_types: dict[str, str] = {}  # absolute file path -> the Content-Type header to send
+
     def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class
         pass
 
+    def guess_type(self, path):
+        return self.content_types.get(os.path.abspath(path)) or super().guess_type(path)
+
 
 @contextlib.contextmanager
-def serve_directory(root: Path) -> Iterator[str]:
-    """Serve ``root`` on a loopback port for the duration of the block; yields the base URL."""
-    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)  # noqa: E731
+def serve_directory(root: Path, content_types: dict[str, str] | None = None) -> Iterator[str]:
+    """Serve ``root`` on a loopback port for the duration of the block; yields the base URL.
+
+    ``content_types`` maps a file (path relative to ``root``) to the exact Content-Type header sent for it,
+    so a crawl can record pages with a declared, a missing or a wrong charset."""
+    types = {os.path.abspath(root / rel): value for rel, value in (content_types or {}).items()}
+    handler_class = type("_Handler", (_QuietHandler,), {"content_types": types})
+    handler = lambda *a, **kw: handler_class(*a, directory=str(root), **kw)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -197,10 +208,11 @@ def serve_directory(root: Path) -> Iterator[str]:
         server.server_close()
 
 
-def crawl_to_warc(root: Path, rel_pages: list[str], warc_path: Path) -> Path:
+def crawl_to_warc(root: Path, rel_pages: list[str], warc_path: Path,
+                  content_types: dict[str, str] | None = None) -> Path:
     """Crawl ``rel_pages`` (paths under ``root``) over loopback HTTP into a gzipped WARC file."""
     warc_path.parent.mkdir(parents=True, exist_ok=True)
-    with serve_directory(root) as base, tempfile.TemporaryDirectory() as work:
+    with serve_directory(root, content_types) as base, tempfile.TemporaryDirectory() as work:
         urls = [f"{base}/{page}" for page in rel_pages]
         if shutil.which("wget"):
             url_file = Path(work) / "urls.txt"
@@ -402,4 +414,118 @@ def build_demo_corpus(dest: Path | None = None, scale: str = "demo") -> DemoCorp
     corpus.web = sorted((dest / "web").rglob("*.warc.gz")) if (dest / "web").exists() else []
     corpus.books = sorted(p for p in (dest / "books").iterdir()) if (dest / "books").exists() else []
     corpus.code = [dest / "code"] if (dest / "code").exists() else []
+    return corpus
+
+
+# ------------------------------------------------------------------------------- the web benchmark corpus
+# Real pages of three Debian documentation packages, crawled over loopback into WARCs: Python's docs (all
+# pages), the Debian Administrator's Handbook in ten locales, and the Apache httpd manual in every
+# translation it ships (its Korean pages are real EUC-KR, some others ISO-8859-1/-2, declared in <meta>).
+# Plus ``charsets``: real handbook pages re-encoded and served with a missing or wrong label, with the text
+# each must decode to, for the charset tests.
+WEB_HANDBOOK_LOCALES = ["en-US", "fr-FR", "de-DE", "es-ES", "ru-RU", "ja-JP", "zh-CN", "ko-KR", "ar-MA", "pt-BR"]
+_APACHE_MANUAL = "root/usr/share/doc/apache2-doc/manual"
+_HANDBOOK_HTML = "root/usr/share/doc/debian-handbook/html"
+_META_CHARSET_TAG = re.compile(r"<meta[^>]*charset[^>]*>", re.IGNORECASE)
+CHARSET_CASES_FILE = "charset-cases.json"
+# case name: (handbook locale, codec to encode with, Content-Type header to serve it with, what to require)
+CHARSET_CASES = {
+    "cp1251-undeclared": ("ru-RU", "cp1251", "text/html", None),
+    "shift_jis-declared": ("ja-JP", "shift_jis", "text/html; charset=Shift_JIS", None),
+    "euc-jp-undeclared": ("ja-JP", "euc_jp", "text/html", None),
+    # Traditional characters are in GBK but not in GB2312: decoding by the label alone would fail.
+    "gbk-labelled-gb2312": ("zh-TW", "gbk", "text/html; charset=gb2312", "not_gb2312"),
+    "cp1252-labelled-iso-8859-1": ("en-US", "cp1252", "text/html; charset=iso-8859-1", "cp1252_only"),
+    "utf8-labelled-iso-8859-1": ("fr-FR", "utf-8", "text/html; charset=iso-8859-1", "non_ascii"),
+}
+CHARSET_PAGES_PER_CASE = 4
+
+
+@dataclass
+class WebCorpus:
+    root: Path
+    warcs: list[Path] = field(default_factory=list)
+    charset_cases: list[dict] = field(default_factory=list)  # url path, case, codec, content type, text sha256
+
+
+def _real_html(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.html") if p.is_file() and not p.is_symlink())
+
+
+def _qualifies(text: str, codec: str, require: str | None) -> bool:
+    try:
+        encoded = text.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    if require == "not_gb2312":
+        try:
+            text.encode("gb2312")
+            return False
+        except UnicodeEncodeError:
+            return True
+    if require == "cp1252_only":  # bytes 0x80-0x9F: curly quotes, dashes, ... (C1 controls under latin-1)
+        return any(0x80 <= b <= 0x9F for b in encoded)
+    if require == "non_ascii":
+        return not text.isascii()
+    return True
+
+
+def _charset_pages(tmp: Path) -> list[dict]:
+    import hashlib
+    import json
+
+    handbook = debian_package("debian-handbook") / _HANDBOOK_HTML
+    site = tmp / "site"
+    cases, types = [], {}
+    for case, (locale, codec, content_type, require) in CHARSET_CASES.items():
+        found = 0
+        for rel in _real_html(handbook / locale):
+            original = (handbook / locale / rel).read_text(encoding="utf-8")
+            text = _META_CHARSET_TAG.sub("", original)  # the label lives only in the header, or nowhere
+            if not _qualifies(text, codec, require):
+                continue
+            path = f"{case}/{rel}"
+            (site / path).parent.mkdir(parents=True, exist_ok=True)
+            (site / path).write_bytes(text.encode(codec))
+            types[path] = content_type
+            cases.append({"path": "/" + path, "case": case, "codec": codec, "content_type": content_type,
+                          "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text)})
+            found += 1
+            if found == CHARSET_PAGES_PER_CASE:
+                break
+        if found == 0:
+            raise FetchError(f"no {locale} handbook page qualifies for the charset case {case}")
+    crawl_to_warc(site, [c["path"].lstrip("/") for c in cases], tmp / "charsets.warc.gz", types)
+    shutil.rmtree(site)
+    (tmp / CHARSET_CASES_FILE).write_text(json.dumps(cases, indent=1) + "\n")
+    return cases
+
+
+def build_web_corpus(dest: Path | None = None) -> WebCorpus:
+    """Fetch (cached) the web benchmark corpus: ``<dest>/<part>/*.warc.gz`` and the charset cases."""
+    import json
+
+    dest = Path(dest) if dest else cache_root() / "web-bench"
+
+    def python_docs(tmp: Path) -> None:
+        html = debian_package("python3.11-doc") / _DOCS_HTML
+        crawl_to_warc(html, _real_html(html), tmp / "python-docs.warc.gz")
+
+    def handbook(tmp: Path) -> None:
+        html = debian_package("debian-handbook") / _HANDBOOK_HTML
+        for locale in WEB_HANDBOOK_LOCALES:
+            crawl_to_warc(html, [f"{locale}/{p}" for p in _real_html(html / locale)],
+                          tmp / f"debian-handbook-{locale}.warc.gz")
+
+    def apache(tmp: Path) -> None:
+        manual = debian_package("apache2-doc") / _APACHE_MANUAL
+        crawl_to_warc(manual, _real_html(manual), tmp / "apache-manual.warc.gz")
+
+    for name, build in (("python-docs", python_docs), ("debian-handbook", handbook),
+                        ("apache-manual", apache), ("charsets", _charset_pages)):
+        if not (dest / name).exists():
+            with _staging_dir(dest / name) as tmp:
+                build(tmp)
+    corpus = WebCorpus(root=dest, warcs=sorted(dest.rglob("*.warc.gz")))
+    corpus.charset_cases = json.loads((dest / "charsets" / CHARSET_CASES_FILE).read_text())
     return corpus

@@ -38,6 +38,18 @@ def corpus():
 
 
 @pytest.fixture(scope="session")
+def web_corpus():
+    """The web benchmark corpus: ~2,650 real pages of Debian documentation, multilingual, with real EUC-KR
+    pages and re-encoded pages served with missing or wrong charset labels."""
+    from pipeline.realdata import FetchError, build_web_corpus
+
+    try:
+        return build_web_corpus()
+    except FetchError as exc:
+        real_data_unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
 def lid_model() -> Path:
     from pipeline.realdata import FetchError, lid_model_path
 

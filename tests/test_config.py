@@ -30,6 +30,9 @@ def test_defaults_follow_the_kind(tmp_path):
     cfg = parse_config(minimal(tmp_path))
     assert cfg.sources[0].format == "text"
     assert cfg.crawl_filter.web.c4.params == {"filter_no_terminal_punct": False}
+    web = cfg.crawl_filter.web
+    assert web.extractor == "resiliparse" and web.extraction.resiliparse == {"main_content": True}  # DCLM's
+    assert web.extraction.trafilatura == {"favour_precision": True} and 0 < web.extraction.timeout_s <= 10
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,14 @@ def test_defaults_follow_the_kind(tmp_path):
         (lambda d: d.update(crawl_filter={"web": {"gopher_quality": {"params": {"min_doc_wordz": 5}}}}),
          "crawl_filter.web.gopher_quality.params.min_doc_wordz: unknown parameter of GopherQualityFilter"),
         (lambda d: d["sources"].append(dict(d["sources"][0])), "duplicate source name 'b'"),
+        (lambda d: d.update(crawl_filter={"web": {"extractor": "lynx"}}),
+         "crawl_filter.web.extractor: Input should be 'resiliparse' or 'trafilatura'"),
+        (lambda d: d.update(crawl_filter={"web": {"extraction": {"resiliparse": {"main_contents": True}}}}),
+         "crawl_filter.web.extraction.resiliparse: Value error, unknown option 'main_contents' of extract_plain_text"),
+        (lambda d: d.update(crawl_filter={"web": {"extraction": {"trafilatura": {"favor_precision": True}}}}),
+         "crawl_filter.web.extraction.trafilatura.favor_precision: unknown parameter of Trafilatura"),
+        (lambda d: d.update(crawl_filter={"web": {"extraction": {"timeout_s": -1}}}),
+         "crawl_filter.web.extraction.timeout_s: Input should be greater than or equal to 0"),
     ],
 )
 def test_errors_are_one_line_and_name_the_key(tmp_path, mutate, expected):

@@ -12,7 +12,8 @@ from pipeline.config import CrawlFilterConfig, LanguageStep, parse_config
 from pipeline.document import make_document
 from pipeline.filters import code
 from pipeline.filters.language import LanguageID
-from pipeline.filters.registry import build_filters
+from pipeline.filters.registry import build_filters, url_filter
+from pipeline.filters.web import TextStep, build_text_steps, run_text_steps
 from pipeline.ledger import Ledger
 from pipeline.stages.crawl_filter import apply_filters
 
@@ -82,17 +83,37 @@ def test_missing_lid_model_is_a_clear_error(tmp_path):
         LanguageID(LanguageStep(model=str(tmp_path / "nope.ftz")))
 
 
-def test_web_filters_keep_prose_and_drop_an_index_page(lid_model, austen, python_docs_html):
-    from datatrove.pipeline.extractors import Trafilatura
+def test_web_text_filters_keep_prose_and_drop_an_index_page(lid_model, austen, python_docs_html):
+    from resiliparse.extract.html2text import extract_plain_text
 
     cfg = CrawlFilterConfig.model_validate({"web": {"language": {"model": str(lid_model)}}})
-    filters = build_filters("web", cfg)
-    assert [f.name for f in filters] == ["url", "language_id", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
-    assert run_filters(filters, web_doc(unwrapped(chapter(austen, 5)))) is None
+    steps = build_text_steps(cfg)
+    assert [s.name for s in steps] == ["language_id", "c4", "fineweb", "gopher_repetition", "gopher_quality"]
+    prose = web_doc(unwrapped(chapter(austen, 5)))
+    assert run_text_steps(prose, steps, {}) == ("kept", None)
     index_html = (python_docs_html / "genindex-A.html").read_text()
-    index_text = Trafilatura(favour_precision=True, timeout=None).extract(index_html)
-    reason = run_filters(filters, web_doc(index_text, "http://docs.example.org/genindex-A.html"))
-    assert reason is not None and ":" in reason or reason == "language_id"
+    index = web_doc(extract_plain_text(index_html, main_content=True), "http://docs.example.org/genindex-A.html")
+    outcome, reason = run_text_steps(index, steps, {})
+    assert outcome == "dropped" and (":" in reason or reason == "language_id")
+
+
+def test_web_text_steps_read_the_text_fineweb_gives_them(lid_model, austen):
+    """C4 edits; FineWeb reads C4's text, the others the extracted text; the document leaves with C4's."""
+    cfg = CrawlFilterConfig.model_validate({"web": {"language": {"model": str(lid_model)}}})
+    seen: dict[str, str] = {}
+
+    def spy(name, run):
+        def call(doc):
+            seen[name] = doc.text
+            return run(doc)
+        return call
+
+    steps = [TextStep(s.name, spy(s.name, s.run), s.reads_edited, s.edits) for s in build_text_steps(cfg)]
+    text = unwrapped(chapter(austen, 5)) + "\nshort\nPlease enable JavaScript to view this page."
+    doc = web_doc(text)
+    assert run_text_steps(doc, steps, {})[0] == "kept"
+    assert seen["language_id"] == seen["gopher_repetition"] == seen["gopher_quality"] == seen["c4"] == text
+    assert seen["fineweb"] == doc.text != text and "JavaScript" not in doc.text and "\nshort" not in doc.text
 
 
 def test_url_filter_params_reach_datatrove(lid_model, austen):
@@ -101,8 +122,9 @@ def test_url_filter_params_reach_datatrove(lid_model, austen):
         "crawl_filter": {"web": {"url": {"params": {"extra_domains": ["blocked-site.org"]}},
                                  "language": {"model": str(lid_model)}}},
     }).crawl_filter
-    filters = build_filters("web", cfg)
-    assert run_filters(filters, web_doc(chapter(austen), "https://www.blocked-site.org/a.html")) == "url:domain"
+    url = url_filter(cfg.web.url.params)
+    assert url(web_doc(chapter(austen), "https://www.blocked-site.org/a.html")) == (False, "url:domain")
+    assert url(web_doc(chapter(austen), "https://www.example.org/a.html")) == (True, None)
 
 
 def test_book_filters(lid_model, austen):

@@ -1,4 +1,5 @@
-"""Which filters run for which source kind, in which order, built from the validated config."""
+"""Which filters run for books and code, in which order, built from the validated config; the datatrove
+objects behind every configured step (web included)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,11 @@ import importlib
 
 from pipeline.config import CrawlFilterConfig
 from pipeline.filters.base import DatatroveFilter, DocumentFilter
-
-# Datatrove classes behind each configurable step (their constructor arguments are the step's params).
-DATATROVE_FILTERS: dict[str, dict[str, str]] = {
-    "web": {
-        "url": "datatrove.pipeline.filters.URLFilter",
-        "gopher_repetition": "datatrove.pipeline.filters.GopherRepetitionFilter",
-        "gopher_quality": "datatrove.pipeline.filters.GopherQualityFilter",
-        "c4": "datatrove.pipeline.filters.C4QualityFilter",
-        "fineweb": "datatrove.pipeline.filters.FineWebQualityFilter",
-    },
-    "book": {"repetition": "datatrove.pipeline.filters.GopherRepetitionFilter"},
-}
+from pipeline.filters.steps import DATATROVE_FILTERS
 
 
-def _datatrove(kind: str, step: str, params: dict) -> DatatroveFilter:
+def datatrove_impl(kind: str, step: str, params: dict):
+    """datatrove's filter object for a configured step, built with the step's params."""
     module, _, cls = DATATROVE_FILTERS[kind][step].rpartition(".")
     impl = getattr(importlib.import_module(module), cls)(**params)
     if step == "url":
@@ -28,32 +19,28 @@ def _datatrove(kind: str, step: str, params: dict) -> DatatroveFilter:
         from tldextract import TLDExtract
 
         impl.tldextractor = TLDExtract(suffix_list_urls=(), cache_dir=None)
-    return DatatroveFilter(step, impl)
+    return impl
+
+
+def url_filter(params: dict) -> DatatroveFilter:
+    return DatatroveFilter("url", datatrove_impl("web", "url", params))
 
 
 def build_filters(kind: str, cfg: CrawlFilterConfig) -> list[DocumentFilter]:
+    """Per-document filters of books and code. Web pages go through ``pipeline.filters.web.WebCrawlFilter``
+    (URL before extraction, then the text filters in cost order)."""
     from pipeline.filters import books, code
     from pipeline.filters.language import LanguageID
 
     filters: list[DocumentFilter] = []
-    if kind == "web":
-        web = cfg.web
-        if web.url.enabled:
-            filters.append(_datatrove("web", "url", web.url.params))
-        if web.language.enabled:
-            filters.append(LanguageID(web.language))
-        for step in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
-            spec = getattr(web, step)
-            if spec.enabled:
-                filters.append(_datatrove("web", step, spec.params))
-    elif kind == "book":
+    if kind == "book":
         book = cfg.book
         if book.language.enabled:
             filters.append(LanguageID(book.language))
         if book.min_words:
             filters.append(books.MinWords(book.min_words))
         if book.repetition.enabled:
-            filters.append(_datatrove("book", "repetition", book.repetition.params))
+            filters.append(DatatroveFilter("repetition", datatrove_impl("book", "repetition", book.repetition.params)))
     elif kind == "code":
         c = cfg.code
         filters.append(code.FileSize(c.min_file_bytes, c.max_file_bytes))
@@ -64,5 +51,5 @@ def build_filters(kind: str, cfg: CrawlFilterConfig) -> list[DocumentFilter]:
         if c.minified:
             filters.append(code.Minified())
     else:
-        raise ValueError(f"unknown source kind {kind!r}")
+        raise ValueError(f"build_filters takes book or code, not {kind!r} (web: pipeline.filters.web)")
     return filters

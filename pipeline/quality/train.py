@@ -65,6 +65,7 @@ class LabelledSource(_Strict):
     chunk_chars: int = Field(default=1500, ge=50)
     min_chars: int = Field(default=100, ge=0)
     max_examples: int | None = Field(default=None, ge=1)
+    extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"   # web pages: as in a pipeline run
 
     @model_validator(mode="after")
     def _one_origin(self) -> LabelledSource:
@@ -190,9 +191,24 @@ def _source_documents(src: LabelledSource, ledger: Ledger) -> Iterator[tuple[str
     source = SourceConfig(name=src.name, kind=src.kind, format=src.format, paths=src.paths, include=src.include,
                           exclude=src.exclude)
     reader = reader_for(source)
+    extractor = None
+    if source.format == "warc":  # pages arrive as HTML: decode and extract them as the crawl filter does
+        from pipeline.config import ExtractionConfig
+        from pipeline.extract import ExtractSettings, PageExtractor
+
+        defaults = ExtractionConfig()
+        extractor = PageExtractor(ExtractSettings(extractor=src.extractor, resiliparse=defaults.resiliparse,
+                                                  trafilatura=defaults.trafilatura), defaults.timeout_s)
     for file in list_source_files(source, f"{src.name}.paths"):
         for doc in reader.read(file, ledger):
-            yield doc.id, doc.text
+            if extractor is None:
+                yield doc.id, doc.text
+                continue
+            result = extractor(doc.body, doc.header_charset)
+            if result.outcome == "kept":
+                yield doc.id, result.text
+    if extractor is not None:
+        extractor.close()
 
 
 def _hash01(seed: int, salt: str, key: str) -> float:

@@ -1,4 +1,8 @@
-"""Stage 1: read raw sources and crawl-filter them (URL, language ID, Gopher/C4/FineWeb, book, code)."""
+"""Stage 1: read raw sources and crawl-filter them.
+
+Web: URL → decode + extract (bounded per page) → language ID, C4, FineWeb, Gopher, in cost order
+(``pipeline.filters.web``). Books and code: their per-document filters (``pipeline.filters.registry``).
+"""
 
 from __future__ import annotations
 
@@ -54,26 +58,51 @@ class CrawlFilterStage(MapStage):
         self.config = config
         self.fingerprint = config.fingerprint()
 
-    def _tools(self, unit: Unit):
+    def _reader(self, unit: Unit):
         source = self.config.source(unit.source)
-        reader = worker_cached((STAGE, self.fingerprint, "reader", source.name), lambda: reader_for(source))
-        filters = worker_cached((STAGE, self.fingerprint, "filters", source.kind),
-                                lambda: build_filters(source.kind, self.config.crawl_filter))
-        return reader, filters
+        return worker_cached((STAGE, self.fingerprint, "reader", source.name), lambda: reader_for(source))
+
+    def _filters(self, kind: str):
+        if kind == "web":
+            from pipeline.filters.web import WebCrawlFilter
+
+            return worker_cached((STAGE, self.fingerprint, "web"), lambda: WebCrawlFilter(self.config.crawl_filter,
+                                                                                          STAGE))
+        return worker_cached((STAGE, self.fingerprint, "filters", kind),
+                             lambda: build_filters(kind, self.config.crawl_filter))
 
     def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:
-        reader, filters = self._tools(unit)
+        reader, filters = self._reader(unit), self._filters(unit.kind)
         ledger = Ledger()
-        filter_clock = [0.0]
         started = time.perf_counter()
+        read_clock = [0.0]
 
         def documents() -> Iterator[Document]:
             for file in unit.files:
-                yield from reader.read(file, ledger)
+                pages = reader.read(file, ledger)
+                while True:
+                    t0 = time.perf_counter()
+                    doc = next(pages, None)
+                    read_clock[0] += time.perf_counter() - t0
+                    if doc is None:
+                        break
+                    yield doc
 
-        count, nbytes = write_documents(self.output_path(run_dir, unit),
-                                        apply_filters(documents(), filters, ledger, filter_clock))
+        steps: dict[str, float] = {}  # seconds per step, for the per-step breakdown in stats.json
+        clock = [0.0]
+        if unit.kind == "web":
+            kept = filters.run(documents(), ledger, steps)
+        else:
+            kept = apply_filters(documents(), filters, ledger, clock)
+        count, nbytes = write_documents(self.output_path(run_dir, unit), kept)
         total = time.perf_counter() - started
-        ledger.add_seconds(STAGE, unit.source, filter_clock[0])
-        ledger.add_seconds(READ_STAGE, unit.source, max(0.0, total - filter_clock[0]))
+        if unit.kind != "web":
+            steps["filters"] = clock[0]
+        steps["read"] = read_clock[0]
+        steps["write"] = max(0.0, total - sum(steps.values()))
+        filter_seconds = max(0.0, total - read_clock[0])
+        for step, seconds in steps.items():
+            ledger.tally(STAGE, unit.source, "step_seconds", step, seconds)
+        ledger.add_seconds(STAGE, unit.source, filter_seconds)
+        ledger.add_seconds(READ_STAGE, unit.source, read_clock[0])
         return {"ledger": ledger.to_json(), "documents": count, "bytes": nbytes}
