@@ -136,16 +136,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         units = plan_units(config)
         models = {}
         if config.quality.enabled:
-            from pipeline.stages.quality import load_models
+            from pipeline.stages.quality import check_models
 
-            models = load_models(config.quality)
+            models = check_models(config.quality)
+        from pipeline.dedup.plan import check_budget
+
+        dedup_plan = check_budget(config.dedup, config.run.unit_target_mb)
     except (ConfigError, QualityModelError) as exc:
         _error(str(exc))
         return EXIT_CONFIG
     print(f"{args.config}: OK (config fingerprint {config.fingerprint()})")
-    for name, model in models.items():
-        print(f"  quality model {name}: {model.path} ({model.header.file_bytes / 1e6:.1f} MB, labels "
-              f"{', '.join(model.labels[:4])}{' ...' if len(model.labels) > 4 else ''}; score = P({model.label}))")
+    if dedup_plan is not None:
+        worst = max(dedup_plan.task_memory.values())
+        print(f"  dedup: {dedup_plan.partitions} partitions, at most {worst / 2**30:.2f} GiB per task for "
+              f"{dedup_plan.docs:,} documents (budget {config.dedup.task_memory})")
+    for name, header in models.items():
+        spec = config.quality.models[name]
+        labels = header.label_names
+        print(f"  quality model {name}: {spec.path} ({header.file_bytes / 1e6:.1f} MB, labels "
+              f"{', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''}; score = P({spec.label}))")
     for source in config.sources:
         mine = [u for u in units if u.source == source.name]
         files = sum(len(u.files) for u in mine)

@@ -176,6 +176,19 @@ class DedupConfig(_Strict):
     score_key: str = "quality_score"         # metadata key; the highest score is kept
     index: list[str] = Field(default_factory=list)      # earlier run directories (incremental mode)
     max_rounds: int = Field(default=64, ge=2)
+    # The size this run is planned for: with both set, a run whose per-task estimate (plan-dedup) exceeds
+    # the budget is refused before any work, with the numbers and the partitions it needs.
+    expected_docs: int | None = Field(default=None, ge=1)
+    task_memory: str | None = None                       # e.g. "2GiB"
+
+    @field_validator("task_memory")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from pipeline.dedup.plan import parse_size
+
+            parse_size(value)
+        return value
 
     @model_validator(mode="after")
     def _bands_rows(self) -> DedupConfig:

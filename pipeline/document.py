@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +36,51 @@ def document_id(source: str, locator: str) -> str:
     return hashlib.blake2b(f"{source}\x00{locator}".encode(), digest_size=12).hexdigest()
 
 
+def clean_text(text: str) -> tuple[str, int]:
+    """``text`` made encodable as UTF-8, and how many code points were replaced.
+
+    JSON (``"\\ud800"``) and Python strings can hold lone surrogates, which UTF-8 cannot encode: written to
+    Parquet they raise ``UnicodeEncodeError`` on every retry. Each becomes U+FFFD; a valid surrogate pair
+    that arrived as two code points is joined into its character.
+    """
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return fixed, max(1, fixed.count("\ufffd") - text.count("\ufffd"))
+
+
 def make_document(text: str, source: str, kind: str, locator: str, **metadata) -> Document:
-    meta = {"source": source, "source_kind": kind, "locator": locator, **metadata}
-    return Document(text=text, id=document_id(source, locator), metadata=meta)
+    """A document with a stable id; lone surrogates in the text or string metadata are repaired here, at
+    read time, and counted in ``metadata["unicode_repaired"]``."""
+    text, repaired = clean_text(text)
+    meta: dict = {"source": source, "source_kind": kind}
+    for key, value in (("locator", locator), *metadata.items()):
+        key, n_key = clean_text(key)
+        if isinstance(value, str):
+            value, n_value = clean_text(value)
+            repaired += n_value
+        meta[key] = value
+        repaired += n_key
+    if repaired:
+        meta["unicode_repaired"] = repaired
+    return Document(text=text, id=document_id(source, meta["locator"]), metadata=meta)
 
 
-def _to_batch(docs: list[Document]) -> pa.RecordBatch:
-    ids, sources, kinds, texts, metas = [], [], [], [], []
-    for doc in docs:
-        meta = dict(doc.metadata)
-        ids.append(doc.id)
-        sources.append(meta.pop("source"))
-        kinds.append(meta.pop("source_kind"))
-        texts.append(doc.text)
-        metas.append(json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str))
+def _row(doc: Document) -> tuple[str, str, str, str, str]:
+    """One document as the Parquet row's strings; raises on anything that cannot be written (checked per
+    document, so one bad document never fails the batch it would have been written in)."""
+    meta = dict(doc.metadata)
+    row = (doc.id, meta.pop("source"), meta.pop("source_kind"), doc.text,
+           json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str))
+    for value in row:
+        value.encode("utf-8")
+    return row
+
+
+def _to_batch(rows: list[tuple[str, str, str, str, str]]) -> pa.RecordBatch:
+    ids, sources, kinds, texts, metas = zip(*rows)
     return pa.RecordBatch.from_arrays(
         [pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(kinds, pa.string()),
          pa.array(texts, pa.large_string()), pa.array(metas, pa.string())],
@@ -57,15 +88,26 @@ def _to_batch(docs: list[Document]) -> pa.RecordBatch:
     )
 
 
-def write_documents(path: Path, docs: Iterable[Document]) -> tuple[int, int]:
-    """Stream documents into a Parquet file, atomically. Returns (documents, text bytes)."""
+def write_documents(path: Path, docs: Iterable[Document],
+                    reject: Callable[[Document, Exception], None] | None = None) -> tuple[int, int]:
+    """Stream documents into a Parquet file, atomically. Returns (documents, text bytes).
+
+    A document that cannot be written is handed to ``reject`` (which books it) and skipped; without
+    ``reject`` it raises."""
     count = nbytes = 0
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, DOC_SCHEMA, compression="zstd") as writer:
-        batch: list[Document] = []
+        batch: list[tuple[str, str, str, str, str]] = []
         for doc in docs:
-            batch.append(doc)
+            try:
+                row = _row(doc)
+            except Exception as exc:  # noqa: BLE001 - one unwritable document, not the unit
+                if reject is None:
+                    raise
+                reject(doc, exc)
+                continue
+            batch.append(row)
             count += 1
-            nbytes += len(doc.text.encode("utf-8", "surrogatepass"))
+            nbytes += len(doc.text.encode("utf-8"))
             if len(batch) >= _WRITE_BATCH:
                 writer.write_batch(_to_batch(batch))
                 batch = []

@@ -21,6 +21,9 @@ class Ledger:
     seconds: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     # (stage, source, group, key) -> value: side counts that are not outcomes (charsets seen, seconds per step)
     tallies: dict[tuple[str, str, str, str], float] = field(default_factory=lambda: defaultdict(float))
+    # Poison records of this unit (an exception while handling one record): written to the stage's
+    # quarantine file by the stage, not carried in the completion marker.
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
 
     def _add(self, stage: str, source: str, kind: str, outcome: str, reason: str, n: int, nbytes: int) -> None:
         cell = self.counts[(stage, source, kind, outcome, reason)]
@@ -41,6 +44,13 @@ class Ledger:
 
     def add_seconds(self, stage: str, source: str, seconds: float) -> None:
         self.seconds[(stage, source)] += seconds
+
+    def poison(self, stage: str, source: str, kind: str, reason: str, nbytes: int = 0, *, doc_id: str,
+               locator: str, error: str) -> None:
+        """Book one record as errored and keep what is needed to find it again."""
+        self.errored(stage, source, kind, reason, 1, nbytes)
+        self.quarantined.append({"stage": stage, "source": source, "id": doc_id, "locator": locator,
+                                 "reason": reason, "error": error[:1000]})
 
     def tally(self, stage: str, source: str, group: str, key: str, value: float = 1) -> None:
         self.tallies[(stage, source, group, key)] += value

@@ -26,7 +26,15 @@ import yaml
 from pipeline.atomic import read_json, write_json
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.ledger import Ledger
-from pipeline.shards import FORMAT_VERSION, SHARD_DIR, Manifest, ShardInfo, build_totals
+from pipeline.shards import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SHARD_DIR,
+    Manifest,
+    ShardInfo,
+    build_totals,
+    sha256_file,
+)
 from pipeline.sources import plan_fingerprint, plan_units
 from pipeline.sources.base import READ_STAGE, Unit
 from pipeline.stages.base import MapStage
@@ -62,11 +70,64 @@ class RunReport:
 
 # ---------------------------------------------------------------------------------------------- Ray
 def _execute_unit(stage: MapStage, unit: Unit, run_dir: str) -> dict[str, Any]:
-    """The body of one Ray task: process the unit, then write its completion marker."""
-    result = stage.run_unit(unit, Path(run_dir))
+    """The body of one Ray task: process the unit, then write its completion marker, which lists the unit's
+    outputs (path, bytes, sha256) so that a resume can tell a marker whose outputs went missing."""
+    root = Path(run_dir)
+    result = stage.run_unit(unit, root)
     result["unit"] = unit.id
-    write_json(stage.marker_path(Path(run_dir), unit), result)
+    result["outputs"] = [{"path": str(path.relative_to(root)), "bytes": path.stat().st_size,
+                          "sha256": sha256_file(path)} for path in stage.unit_outputs(root, unit, result)]
+    write_json(stage.marker_path(root, unit), result)
     return result
+
+
+def outputs_intact(run_dir: Path, result: dict[str, Any]) -> bool:
+    """Every output a marker lists still exists with its size (checksums are verified by ``inspect``)."""
+    for out in result.get("outputs", ()):
+        try:
+            if (run_dir / out["path"]).stat().st_size != out["bytes"]:
+                return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+# Distributions whose version changes what a run writes (extraction, filters, word splits, tokens, files).
+OUTPUT_DISTRIBUTIONS = ("jamba-pretrain", "datatrove", "resiliparse", "fastwarc", "trafilatura", "spacy",
+                        "fasttext-numpy2-wheel", "tokenizers", "pyarrow")
+
+
+def output_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in OUTPUT_DISTRIBUTIONS:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def _sha256s(models: dict[str, Any]) -> dict[str, str]:
+    """name -> sha256 from run.json's quality_models (a digest alone in runs recorded before sizes were)."""
+    return {name: entry["sha256"] if isinstance(entry, dict) else entry for name, entry in models.items()}
+
+
+def _remove_leftovers(directory: Path, depth: int = 4) -> None:
+    """Temporary files of a killed run are never part of a result: remove them. One ``scandir`` pass over the
+    directories outputs are written to (run dir, stages/<stage>, its subdirectories, shards), using the
+    entry types the listing returns (no stat per file, no recursion into anything deeper)."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        elif depth > 1 and entry.is_dir(follow_symlinks=False) and entry.name not in ("logs",):
+            _remove_leftovers(Path(entry.path), depth - 1)
 
 
 class StageWorker:
@@ -130,13 +191,19 @@ class PipelineRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run_info = self.run_dir / "run.json"
         fingerprint, plan = self.config.fingerprint(), plan_fingerprint(self.units)
+        versions = output_versions()
         if run_info.exists():
             previous = read_json(run_info)
+            changed = [f"{name} {previous['versions'].get(name)} -> {version}" for name, version in versions.items()
+                       if "versions" in previous and previous["versions"].get(name) != version]
+            if changed:
+                raise RunError(f"the software that shapes the outputs changed since {self.run_dir} was started "
+                               f"({', '.join(changed)}); use a new --output directory or the old versions")
             if previous.get("config_fingerprint") != fingerprint:
                 raise RunError(
                     f"{self.run_dir} holds a run of a different configuration "
                     f"({previous.get('config_fingerprint')} != {fingerprint}); use a new --output directory")
-            if previous.get("quality_models", {}) != self.model_digests:
+            if _sha256s(previous.get("quality_models", {})) != _sha256s(self.model_digests):
                 raise RunError(f"the quality model file(s) changed since {self.run_dir} was started; use a new "
                                f"--output directory")
             if previous.get("plan_fingerprint") != plan:
@@ -145,13 +212,11 @@ class PipelineRun:
                     f" != {plan}); use a new --output directory")
         else:
             write_json(run_info, {"config_fingerprint": fingerprint, "plan_fingerprint": plan,
-                                  "units": len(self.units), "quality_models": self.model_digests})
+                                  "units": len(self.units), "quality_models": self.model_digests,
+                                  "versions": versions})
         resolved = self.config.model_dump(mode="json")
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        # Leftovers of a killed run: temporary files are never part of a result.
-        for tmp in self.run_dir.rglob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        _remove_leftovers(self.run_dir)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -179,12 +244,18 @@ class PipelineRun:
 
         results: dict[str, dict[str, Any]] = {}
         todo: list[Unit] = []
+        redone = 0
         for unit in self.units:
             marker = stage.marker_path(self.run_dir, unit)
-            if marker.exists():
-                results[unit.id] = read_json(marker)
+            result = read_json(marker) if marker.exists() else None
+            if result is not None and outputs_intact(self.run_dir, result):
+                results[unit.id] = result
             else:
+                redone += result is not None
                 todo.append(unit)
+        if redone:
+            log.warning("stage %s: %d unit(s) have a completion marker but missing or changed outputs; redoing them",
+                        stage.name, redone)
         self.resumed[stage.name] = len(results)
         log.info("stage %s: %d units to run, %d already complete", stage.name, len(todo), len(results))
         if not todo:
@@ -198,12 +269,23 @@ class PipelineRun:
         if getattr(stage, "uses_actors", False):
             # Long-lived workers, each loading the stage's models once; a lost actor is restarted and its
             # in-flight unit retried (the unit rewrites only its own files, atomically).
-            actor_cls = ray.remote(StageWorker).options(num_cpus=1, max_restarts=retries,
-                                                        max_task_retries=retries)
-            actors = [actor_cls.remote(stage_ref) for _ in range(max(1, min(cpus, len(todo))))]
-            load = dict.fromkeys(range(len(actors)), 0)
-            max_in_flight = min(max_in_flight, 2 * len(actors))
+            # Each actor declares the memory of its models, so Ray places actors by memory as well as CPU; the
+            # pool follows the cluster as it grows (an autoscaled cluster starts with the head alone).
+            actor_cls = ray.remote(StageWorker).options(num_cpus=1, memory=stage.actor_memory(),
+                                                        max_restarts=retries, max_task_retries=retries)
+            actors: list[Any] = []
+            load: dict[int, int] = {}
             busy: dict[Any, int] = {}
+            capacity = [max_in_flight]
+
+            def grow(remaining: int) -> None:
+                target = max(1, min(int(ray.cluster_resources().get("CPU", 1)), remaining + len(busy)))
+                while len(actors) < target:
+                    load[len(actors)] = 0
+                    actors.append(actor_cls.remote(stage_ref))
+                capacity[0] = min(max_in_flight, 2 * len(actors))
+
+            grow(len(todo))
 
             def submit(unit: Unit) -> Any:
                 index = min(load, key=load.get)
@@ -217,6 +299,11 @@ class PipelineRun:
         else:
             remote = ray.remote(_execute_unit).options(num_cpus=1, max_retries=retries, retry_exceptions=False)
             actors = []
+            capacity = [max_in_flight]
+
+            def grow(remaining: int) -> None:  # more tasks in flight as nodes join
+                if not self.config.run.max_in_flight:
+                    capacity[0] = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
 
             def submit(unit: Unit) -> Any:
                 return remote.remote(stage_ref, unit, run_dir)
@@ -229,11 +316,18 @@ class PipelineRun:
         bar = tqdm(total=len(self.units), initial=len(results), desc=f"{stage.name:>12}", unit="unit",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         with bar:
+            last_grow = time.monotonic()
             while queue or pending:
-                while queue and len(pending) < max_in_flight:
+                if queue and time.monotonic() - last_grow > 5.0:  # the cluster's size, every few seconds
+                    grow(len(queue))
+                    last_grow = time.monotonic()
+                while queue and len(pending) < capacity[0]:
                     unit = queue.pop()
                     pending[submit(unit)] = unit
-                done, _ = ray.wait(list(pending), num_returns=1)
+                # Many completions per call: the list of pending refs is built once per batch of results,
+                # not once per result.
+                refs = list(pending)
+                done, _ = ray.wait(refs, num_returns=max(1, min(len(refs), len(refs) // 8)), timeout=1.0)
                 for ref in done:
                     unit = pending.pop(ref)
                     release(ref)
@@ -254,6 +348,9 @@ class PipelineRun:
 
     def run(self) -> RunReport:
         started = time.perf_counter()
+        from pipeline.dedup.plan import check_budget
+
+        check_budget(self.config.dedup, self.config.run.unit_target_mb)  # before any work: refuse, with numbers
         self.model_digests = self._check_quality_models()
         self.units = plan_units(self.config)
         self.resumed: dict[str, int] = {}
@@ -295,14 +392,17 @@ class PipelineRun:
                  "wall_seconds": self.wall_seconds}
         return RunReport(self.run_dir, stats, None, time.perf_counter() - started, len(self.units), self.resumed)
 
-    def _check_quality_models(self) -> dict[str, str]:
-        """Open every configured quality model before any work: a missing or corrupt file stops here."""
+    def _check_quality_models(self) -> dict[str, dict[str, Any]]:
+        """Check every configured quality model before any work (a missing or corrupt file stops here), from
+        its layout, without loading it; digests are reused from run.json while size and mtime match."""
         from pipeline.quality.model import QualityModelError
 
         if not self.config.quality.enabled:
             return {}
+        run_info = self.run_dir / "run.json"
+        recorded = read_json(run_info).get("quality_models", {}) if run_info.exists() else {}
         try:
-            return model_digests(self.config.quality)
+            return model_digests(self.config.quality, recorded)
         except QualityModelError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -315,7 +415,9 @@ class PipelineRun:
         scorer = QualityScoreStage(cfg, crawl, kinds)
         score_results = self.map_stage(scorer)
         started = time.perf_counter()
-        cpus = self.config.run.num_cpus or os.cpu_count() or 1
+        import ray
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))  # the cluster's, not the driver host's
         thresholds = compute_thresholds(self.run_dir, scorer, self.units, cfg, kinds, tasks=max(1, cpus))
         self.wall_seconds["quality_thresholds"] = round(time.perf_counter() - started, 3)
         selector = QualitySelectStage(cfg, scorer, kinds, thresholds)
@@ -348,7 +450,8 @@ class PipelineRun:
         stats = ledger.stats(STAGE_ORDER)
         if quality_done is not None:
             kinds, score_results, thresholds = quality_done
-            models = {name: {"path": spec.path, "label": spec.label, "sha256": self.model_digests.get(name)}
+            models = {name: {"path": spec.path, "label": spec.label,
+                             "sha256": self.model_digests.get(name, {}).get("sha256")}
                       for name, spec in self.config.quality.models.items()}
             stats["quality"] = quality_summary(self.config.quality, kinds, score_results, self.units, thresholds,
                                                stats, models)
@@ -365,13 +468,15 @@ class PipelineRun:
         stats["wall_seconds"] = self.wall_seconds          # this invocation's work (resumed stages: absent)
         stats["tokens"] = manifest.total_tokens
         write_json(self.run_dir / "stats.json", stats, sort_keys=False)  # stages in pipeline order
+        if not stats["invariant_ok"]:
+            # Nothing is published from a run whose accounting does not add up (an earlier manifest neither).
+            (self.run_dir / MANIFEST_NAME).unlink(missing_ok=True)
+            raise RunError("accounting invariant violated: " + "; ".join(stats["violations"][:5]))
         manifest.save(self.run_dir)
         listed = {Path(s.path).name for s in shards}
         for stray in (self.run_dir / SHARD_DIR).glob("*.arrow"):
             if stray.name not in listed:  # a shard of an older, different run layout can't be valid here
                 stray.unlink()
-        if not stats["invariant_ok"]:
-            raise RunError("accounting invariant violated: " + "; ".join(stats["violations"][:5]))
         log.info("run complete: %d shards, %d tokens", len(shards), manifest.total_tokens)
         return RunReport(self.run_dir, stats, manifest, seconds, len(self.units), self.resumed)
 

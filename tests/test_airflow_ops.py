@@ -98,6 +98,19 @@ def test_publish_verifies_marks_ready_and_refuses_a_corrupt_run(clean_run, tmp_p
         ready_runs([str(tmp_path)])
 
 
+def test_publish_refuses_a_run_whose_accounting_failed(clean_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(clean_run[0], run_dir)
+    stats = json.loads((run_dir / "stats.json").read_text())
+    stats.update(invariant_ok=False, violations=["crawl_filter/books: in=9 but kept+dropped+errored=8"])
+    (run_dir / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(RuntimeError, match=r"accounting invariant did not hold \(crawl_filter/books: in=9"):
+        publish(run_dir, "2024-03-01")
+    assert not (run_dir / "_READY.json").exists()
+
+
 def test_training_commands():
     plan = plan_command("python", "configs/train/x.yaml", 128, "80GB", ["/r/a"], ["steps=10"])
     assert plan == ["python", "-m", "train", "plan", "--config", "configs/train/x.yaml", "--gpus", "128",

@@ -70,6 +70,8 @@ def build_bad_corpus(corpus, root: Path) -> dict:
         fh.write("\n".join(lines[:20]) + "\n")
         fh.write('{"text": "' + "x" * BIG + '"}\n')
         fh.write("{not json\n")
+        # A lone surrogate, legal in JSON, not encodable as UTF-8: it once failed its unit on every retry.
+        fh.write(json.dumps({"text": book.decode()[:3000] + " \ud800 " + book.decode()[3000:6000]}) + "\n")
         fh.write('{"title": "no text field"}\n')
         fh.write("\n".join(lines[20:]) + "\n")
     return {
@@ -114,7 +116,16 @@ def test_bad_inputs_are_counted_and_the_run_goes_on(corpus, tmp_path):
     jsonl = read["jsonl"]
     assert jsonl["dropped"]["record_too_large"] == 1 and jsonl["dropped"]["missing_text_field"] == 1
     assert jsonl["errored"] == {"invalid_json": 1}
-    assert jsonl["kept"] > 20
+    assert jsonl["kept"] > 20 and jsonl["repaired"] == {"lone_surrogates": 1}  # repaired at read time, kept
+
+    # Every record that raised is in its stage's quarantine, findable again by locator.
+    quarantined = [json.loads(line) for f in sorted((tmp_path / "run/stages/crawl_filter/quarantine").glob("*.jsonl"))
+                   for line in f.read_text().splitlines()]
+    by_reason = {q["reason"]: q for q in quarantined}
+    assert set(by_reason) == {"invalid_json", "truncated_record", "corrupt_record"}, quarantined
+    assert by_reason["invalid_json"]["locator"].startswith("tabular/records.jsonl#L")
+    assert by_reason["corrupt_record"]["locator"].startswith("web/corrupt.warc#")
+    assert all(q["stage"] == "read" and q["id"] and q["error"] for q in quarantined)
 
     assert run_cli("inspect", str(tmp_path / "run")).returncode == 0
 

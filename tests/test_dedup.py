@@ -184,6 +184,14 @@ def test_huge_bucket_gives_linear_star_edges():
     assert len(i) == n - 1 and set(np.unique(i).tolist()) == {n - 1}   # every member to the minimum node 0
 
 
+def test_an_empty_partition_gives_no_pairs():
+    """A shuffle partition no band key fell into (a small run with many partitions) once raised IndexError."""
+    i, j = bucket_star_pairs(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64))
+    assert len(i) == len(j) == 0
+    i, j = bucket_star_pairs(np.array([7], dtype=np.uint64), np.array([3], dtype=np.int64))
+    assert len(i) == len(j) == 0
+
+
 def test_connected_components_match_union_find():
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -234,3 +242,49 @@ def test_plan_dedup_scales_and_recommends_partitions():
                fitted.task_memory["connected components (per partition)"]) <= budget
     proc = run_cli("plan-dedup", "--docs", "1000000")
     assert proc.returncode == 0 and "signatures" in proc.stdout and "fewest partitions within the per-task budget" in proc.stdout
+
+
+def test_a_run_over_its_declared_task_memory_is_refused_before_any_work(tmp_path):
+    from pipeline.config import ConfigError, DedupConfig
+    from pipeline.dedup.plan import check_budget
+
+    dump = {"expected_docs": 3_000_000_000, "task_memory": "2GiB"}
+    plan = check_budget(DedupConfig(partitions=1600, **dump))
+    assert plan is not None and max(plan.task_memory.values()) <= 2 * 2**30
+    with pytest.raises(ConfigError, match=r"dedup: 64 partitions need 49\.\d\d GiB per task .*set dedup.partitions >= 1599"):
+        check_budget(DedupConfig(partitions=64, **dump))
+    assert check_budget(DedupConfig(partitions=64)) is None  # nothing declared, nothing to check
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text("text " * 100)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"sources": [{"name": "b", "kind": "book", "paths": [str(books)]}],
+                                                     "dedup": {"partitions": 64, **dump}}))
+    proc = run_cli("run", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run"))
+    assert proc.returncode == 2 and "set dedup.partitions >= 1599" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    shipped = yaml.safe_load((ROOT / "configs/pipeline/web-books-code.yaml").read_text())["dedup"]
+    assert check_budget(DedupConfig(**shipped)) is not None  # the production template fits its own budget
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_repeated_ids_in_the_input_lose_only_the_exact_copy(corpus, tmp_path):
+    """Two JSONL records sharing an id_field value and their text, and two sharing an id with different texts:
+    the run completes (it once crashed in the graph phase), the exact copy is removed, the others kept."""
+    book = (corpus.root / "books/austen-persuasion.txt").read_text()
+    paras = [p for p in book.split("\n\n") if len(p) > 400][:30]
+    with open(tmp_path / "records.jsonl", "w") as fh:
+        for i, para in enumerate(paras):
+            fh.write(json.dumps({"id": f"doc-{i}", "text": para}) + "\n")
+        fh.write(json.dumps({"id": "doc-3", "text": paras[3]}) + "\n")
+        fh.write(json.dumps({"id": "doc-5", "text": paras[7]}) + "\n")
+    config = {"run": {"num_cpus": 2},
+              "sources": [{"name": "j", "kind": "book", "format": "jsonl", "paths": [str(tmp_path / "records.jsonl")],
+                           "id_field": "id"}],
+              "crawl_filter": {"book": {"min_words": 10, "language": {"enabled": False}}},
+              "tokenize": {"train": {"vocab_size": 300, "sample_mb": 0.2}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    proc = run_cli("run", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dedup = json.loads((tmp_path / "run/stats.json").read_text())["stages"]["dedup"]["j"]
+    assert (dedup["in"], dedup["kept"], dedup["dropped"]) == (32, 31, {"exact_duplicate": 1})

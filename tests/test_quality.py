@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import ConfigError, QualityConfig, parse_config
 from pipeline.quality import select
 from pipeline.quality.metrics import binary_metrics, roc_auc
-from pipeline.quality.model import QualityModel, QualityModelError, inspect_fasttext_file
+from pipeline.quality.model import QualityModel, QualityModelError, check_model_file, inspect_fasttext_file
 from pipeline.quality.train import chunk_text
 from pipeline.sources.base import Unit
 from pipeline.stages.quality import SCORES_SCHEMA, QualityScoreStage, compute_thresholds
@@ -112,6 +112,36 @@ def test_corrupt_missing_or_mislabelled_models_are_clear_errors(quality_model, t
     assert inspect_fasttext_file(lid_model).quantized
     english, french = lid.score(["The weather is lovely today.", "Il fait très beau aujourd'hui."])
     assert english > 0.5 > french
+    # The same checks from the file layout alone (what the driver runs: it never loads the model)
+    for path, message in cases.items():
+        with pytest.raises(QualityModelError, match=message):
+            check_model_file(path, "__label__hq")
+    with pytest.raises(QualityModelError, match="'__label__nope' is not one of the model's labels"):
+        check_model_file(quality_model, "__label__nope")
+    assert set(check_model_file(quality_model, "__label__hq").label_names) == set(QualityModel.load(
+        quality_model, "__label__hq").labels)
+    assert len(check_model_file(lid_model, "__label__en").label_names) == 176
+
+
+def test_the_driver_checks_models_without_loading_them_and_hashes_each_once(quality_model, tmp_path, monkeypatch):
+    import fasttext
+
+    from pipeline.stages import quality as quality_stage
+
+    model = tmp_path / "model.bin"
+    model.write_bytes(quality_model.read_bytes())
+    cfg = QualityConfig.model_validate({"enabled": True, "models": {"default": {"path": str(model)}},
+                                        "policies": {"default": {"mode": "keep"}}})
+    monkeypatch.setattr(fasttext, "load_model", lambda *_: pytest.fail("the driver loaded a model"))
+    assert set(quality_stage.check_models(cfg)) == {"default"}
+    first = quality_stage.model_digests(cfg)["default"]
+    assert first["bytes"] == model.stat().st_size and len(first["sha256"]) == 64
+    hashed = []
+    monkeypatch.setattr(quality_stage, "sha256_file", lambda path: hashed.append(path) or "recomputed")
+    assert quality_stage.model_digests(cfg, {"default": first})["default"] == first and hashed == []
+    model.write_bytes(model.read_bytes())  # rewritten: new mtime, so hashed again
+    assert quality_stage.model_digests(cfg, {"default": first})["default"]["sha256"] == "recomputed"
+    assert quality_stage.actor_memory(cfg) > model.stat().st_size  # what each scoring actor declares to Ray
 
 
 @pytest.mark.realdata

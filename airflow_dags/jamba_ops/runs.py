@@ -98,6 +98,11 @@ def publish(run_dir: str | Path, version: str) -> dict[str, Any]:
     from pipeline.shards import MANIFEST_NAME, Manifest, verify_run  # the project, only at run time
 
     run_dir = Path(run_dir)
+    stats_path = run_dir / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    if not stats.get("invariant_ok"):
+        violations = "; ".join(stats.get("violations", [])[:5]) or "no stats.json with invariant_ok"
+        raise RuntimeError(f"{run_dir}: refusing to publish: the accounting invariant did not hold ({violations})")
     problems = verify_run(run_dir)
     if problems:
         raise RuntimeError(f"{run_dir}: verification failed: " + "; ".join(problems[:10]))

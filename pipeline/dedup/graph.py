@@ -40,6 +40,9 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
 def bucket_star_pairs(bucket: np.ndarray, node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Indices (i, j) into the inputs: for every bucket with several distinct nodes, each node j paired
     with the bucket's minimum node i."""
+    if len(bucket) == 0:  # a shuffle partition no band key fell into (small runs, many partitions)
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
     order = np.lexsort((node, bucket))
     b, n = bucket[order], node[order]
     keep = np.r_[True, (b[1:] != b[:-1]) | (n[1:] != n[:-1])]        # one entry per (bucket, node)

@@ -77,3 +77,24 @@ def plan_dedup(docs: int, cfg: DedupConfig, duplicate_fraction: float = 0.3, uni
     widest = max(memory["candidates (per partition)"], memory["connected components (per partition)"])
     recommended = max(1, math.ceil(widest * P / task_budget))
     return DedupPlan(docs, P, bands, rows, disk, memory, recommended)
+
+
+def check_budget(cfg: DedupConfig, unit_mb: float = 64.0) -> DedupPlan | None:
+    """Refuse (``ConfigError``, one line with the numbers) a dedup configuration whose per-task estimate for
+    ``expected_docs`` exceeds ``task_memory``; the plan when both are set, else None (nothing to check)."""
+    from pipeline.config import ConfigError
+
+    if not (cfg.enabled and cfg.expected_docs and cfg.task_memory):
+        return None
+    budget = parse_size(cfg.task_memory)
+    plan = plan_dedup(cfg.expected_docs, cfg, unit_mb=unit_mb, task_budget=budget)
+    step, worst = max(plan.task_memory.items(), key=lambda kv: kv[1])
+    if worst > budget and step.startswith("signatures"):
+        raise ConfigError(f"dedup: a signatures task needs {worst / GIB:.2f} GiB per unit, over dedup.task_memory "
+                          f"{budget / GIB:.2f} GiB; lower run.unit_target_mb (now {unit_mb:g})")
+    if worst > budget:
+        raise ConfigError(
+            f"dedup: {cfg.partitions} partitions need {worst / GIB:.2f} GiB per task ({step}) for "
+            f"{cfg.expected_docs:,} documents, over dedup.task_memory {budget / GIB:.2f} GiB; set dedup.partitions "
+            f">= {plan.recommended_partitions} (python -m pipeline plan-dedup --docs {cfg.expected_docs})")
+    return plan

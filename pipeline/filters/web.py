@@ -156,7 +156,8 @@ class TextStep:
 
 
 def run_text_steps(doc: Document, steps: list[TextStep], seconds: dict[str, float]) -> tuple[str, str | None]:
-    """("kept", None), ("dropped", reason) or ("errored", reason); on keep, ``doc.text`` is the edited text."""
+    """("kept", None), ("dropped", reason) or ("errored", reason); on keep, ``doc.text`` is the edited text.
+    An error's message is left in ``doc.metadata["error"]`` for the quarantine."""
     original = edited = doc.text
     for step in steps:
         doc.text = edited if step.reads_edited else original
@@ -164,6 +165,7 @@ def run_text_steps(doc: Document, steps: list[TextStep], seconds: dict[str, floa
         try:
             kept, reason = step.run(doc)
         except Exception as exc:  # one bad document never stops the unit
+            doc.metadata["error"] = f"{type(exc).__name__}: {exc}"
             return "errored", f"{step.name}:{type(exc).__name__}"
         finally:
             seconds[step.name] = seconds.get(step.name, 0.0) + time.perf_counter() - started
@@ -236,10 +238,14 @@ class WebCrawlFilter:
                     kept, reason = self.url(page)
                 except Exception as exc:  # noqa: BLE001 - e.g. a page without a URL
                     kept, reason = None, f"url:{type(exc).__name__}"
+                    page.metadata["error"] = f"{type(exc).__name__}: {exc}"
                 seconds["url"] = seconds.get("url", 0.0) + time.perf_counter() - started
+                if kept is None:
+                    self._poison(ledger, page, reason, len(page.body))
+                    continue
                 if not kept:
-                    book = ledger.errored if kept is None else ledger.dropped
-                    book(self.stage, meta["source"], meta["source_kind"], reason or "url", 1, len(page.body))
+                    ledger.dropped(self.stage, meta["source"], meta["source_kind"], reason or "url", 1,
+                                   len(page.body))
                     continue
             batch.append(page)
             if len(batch) >= self.batch_pages:
@@ -263,7 +269,8 @@ class WebCrawlFilter:
                 ledger.dropped(self.stage, source, kind, result.reason, 1, nbytes)
                 continue
             if result.outcome == "errored":
-                ledger.errored(self.stage, source, kind, result.reason, 1, nbytes)
+                page.metadata["error"] = result.reason
+                self._poison(ledger, page, result.reason, nbytes)
                 continue
             doc = Document(text=result.text, id=page.id, metadata={**page.metadata, "charset": result.charset,
                                                                     "charset_method": result.charset_method})
@@ -274,4 +281,9 @@ class WebCrawlFilter:
             elif outcome == "dropped":
                 ledger.dropped(self.stage, source, kind, reason, 1, nbytes)
             else:
-                ledger.errored(self.stage, source, kind, reason, 1, nbytes)
+                self._poison(ledger, doc, reason, nbytes)
+
+    def _poison(self, ledger: Ledger, doc: Document, reason: str, nbytes: int) -> None:
+        meta = doc.metadata
+        ledger.poison(self.stage, meta["source"], meta["source_kind"], reason, nbytes, doc_id=doc.id,
+                      locator=meta["locator"], error=meta.pop("error", reason))

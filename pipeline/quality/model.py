@@ -45,6 +45,7 @@ class FastTextHeader:
     labels: int
     quantized: bool
     file_bytes: int
+    label_names: tuple[str, ...] = ()
 
 
 def inspect_fasttext_file(path: Path) -> FastTextHeader:
@@ -111,12 +112,15 @@ def _walk(buf: mmap.mmap, size: int, path: Path) -> FastTextHeader:
     n_entries, n_words, n_labels, _ntokens, prune_size = take("<iiiqq")
     if n_entries < 0 or n_words + n_labels != n_entries:
         raise QualityModelError(f"{path}: corrupt fastText dictionary header")
+    label_names = []
     for _ in range(n_entries):
         end = buf.find(b"\0", pos)
         if end < 0:
             raise QualityModelError(f"{path}: not a complete fastText model (truncated in the dictionary)")
-        pos = end + 1
-        take("<qb")
+        start, pos = pos, end + 1
+        _count, entry_type = take("<qb")
+        if entry_type == 1:  # a label (0: a word)
+            label_names.append(bytes(buf[start:end]).decode("utf-8", "replace"))
     skip(8 * max(prune_size, 0), "pruned-word index")
     quantized, = take("<?")
     matrix(quantized, "input")
@@ -125,7 +129,26 @@ def _walk(buf: mmap.mmap, size: int, path: Path) -> FastTextHeader:
     if pos != size:
         raise QualityModelError(f"{path}: corrupt fastText model ({size - pos:,} unexpected trailing bytes)")
     return FastTextHeader(version=version, dim=dim, word_ngrams=word_ngrams, model=model, words=n_words,
-                          labels=n_labels, quantized=bool(quantized), file_bytes=size)
+                          labels=n_labels, quantized=bool(quantized), file_bytes=size, label_names=tuple(label_names))
+
+
+def check_model_file(path: str | Path, label: str) -> FastTextHeader:
+    """Everything ``QualityModel.load`` checks, from the file's layout alone: no fastText load, so a driver
+    can check a GB-scale classifier before any work without holding it (the scoring actors load it)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise QualityModelError(f"{path}: quality model file not found")
+    header = inspect_fasttext_file(path)
+    if header.model != SUPERVISED or header.labels == 0:
+        raise QualityModelError(f"{path}: a supervised fastText classifier is required (this model has no labels)")
+    if label not in header.label_names:
+        raise QualityModelError(f"{path}: label {label!r} is not one of the model's labels "
+                                f"({_shown(list(header.label_names))})")
+    return header
+
+
+def _shown(labels: list[str]) -> str:
+    return ", ".join(labels[:8]) + (f", ... ({len(labels)} labels)" if len(labels) > 8 else "")
 
 
 @dataclass
@@ -143,19 +166,14 @@ class QualityModel:
         import fasttext
 
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise QualityModelError(f"{path}: quality model file not found")
-        header = inspect_fasttext_file(path)
-        if header.model != SUPERVISED or header.labels == 0:
-            raise QualityModelError(f"{path}: a supervised fastText classifier is required (this model has no labels)")
+        header = check_model_file(path, label)
         try:
             model = fasttext.load_model(str(path))
         except (ValueError, RuntimeError, MemoryError) as exc:
             raise QualityModelError(f"{path}: not a readable fastText model ({_first_line(exc)})") from None
         labels = list(model.labels)
         if label not in labels:
-            shown = ", ".join(labels[:8]) + (f", ... ({len(labels)} labels)" if len(labels) > 8 else "")
-            raise QualityModelError(f"{path}: label {label!r} is not one of the model's labels ({shown})")
+            raise QualityModelError(f"{path}: label {label!r} is not one of the model's labels ({_shown(labels)})")
         return cls(path=path, label=label, labels=labels, fasttext_model=model,
                    header=header, max_chars=max_chars)
 

@@ -72,8 +72,16 @@ class Reader:
     def dropped(self, ledger: Ledger, reason: str, nbytes: int = 0) -> None:
         ledger.dropped(READ_STAGE, self.source.name, self.source.kind, reason, 1, nbytes)
 
-    def errored(self, ledger: Ledger, reason: str, nbytes: int = 0) -> None:
-        ledger.errored(READ_STAGE, self.source.name, self.source.kind, reason, 1, nbytes)
+    def errored(self, ledger: Ledger, reason: str, nbytes: int = 0, locator: str | None = None,
+                error: str | None = None) -> None:
+        """Book a record as errored; with its ``locator`` it is also quarantined (findable again)."""
+        if locator is None:
+            ledger.errored(READ_STAGE, self.source.name, self.source.kind, reason, 1, nbytes)
+            return
+        from pipeline.document import document_id
+
+        ledger.poison(READ_STAGE, self.source.name, self.source.kind, reason, nbytes,
+                      doc_id=document_id(self.source.name, locator), locator=locator, error=error or reason)
 
     @property
     def max_bytes(self) -> int:

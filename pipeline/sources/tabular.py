@@ -17,6 +17,14 @@ from pipeline.sources.code import language_of
 
 class _TabularReader(Reader):
     def _document(self, record: dict, file: InputFile, row: str, ledger: Ledger) -> Document | None:
+        try:
+            return self._make(record, file, row, ledger)
+        except Exception as exc:  # noqa: BLE001 - one poison record is that record's error, never the unit's
+            self.errored(ledger, f"bad_record:{type(exc).__name__}", locator=f"{file.rel}#{row}",
+                         error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _make(self, record: dict, file: InputFile, row: str, ledger: Ledger) -> Document | None:
         text = record.get(self.source.text_field)
         if text is None:
             self.dropped(ledger, "missing_text_field")
@@ -38,8 +46,9 @@ class _TabularReader(Reader):
         if self.source.path_field and isinstance(record.get(self.source.path_field), str):
             meta.setdefault("path", record[self.source.path_field])
             meta.setdefault("language", language_of(record[self.source.path_field]))
+        doc = make_document(text, self.source.name, self.source.kind, locator, **meta)
         self.kept(ledger, nbytes)
-        return make_document(text, self.source.name, self.source.kind, locator, **meta)
+        return doc
 
 
 def _scalar(value: object) -> bool:
@@ -75,8 +84,9 @@ class JsonlReader(_TabularReader):
                     self.took(ledger, 1, len(line))
                     try:
                         record = json.loads(line)
-                    except (UnicodeDecodeError, ValueError):
-                        self.errored(ledger, "invalid_json", len(line))
+                    except (UnicodeDecodeError, ValueError) as exc:
+                        self.errored(ledger, "invalid_json", len(line), locator=f"{file.rel}#L{lineno}",
+                                     error=f"{type(exc).__name__}: {exc}")
                         continue
                     if not isinstance(record, dict):
                         self.errored(ledger, "record_not_an_object", len(line))

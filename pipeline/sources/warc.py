@@ -55,13 +55,16 @@ class WarcReader(Reader):
                 records = frame_records(raw.read, max_record)
             for index, framed in enumerate(records):
                 self.took(ledger)
+                locator = f"{file.rel}#{index}"
                 if framed.damage:
-                    self.errored(ledger, framed.damage)
+                    self.errored(ledger, framed.damage, locator=locator,
+                                 error=f"{framed.damage} at byte {framed.offset}")
                     continue
                 try:
                     page = self._page(framed, index, file, ledger)
                 except Exception as exc:  # FastWARC on a malformed record: that record's error, not the file's
-                    self.errored(ledger, f"corrupt_record:{type(exc).__name__}")
+                    self.errored(ledger, f"corrupt_record:{type(exc).__name__}", locator=locator,
+                                 error=f"{type(exc).__name__}: {exc} (record at byte {framed.offset})")
                     continue
                 if page is not None:
                     yield page
@@ -98,11 +101,11 @@ class WarcReader(Reader):
         if not body:
             self.dropped(ledger, "empty_body")
             return None
-        self.kept(ledger, len(body))
         url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")
         doc = make_document("", self.source.name, self.source.kind, f"{file.rel}#{index}", url=url,
                             crawl_date=record.headers.get("WARC-Date") or "",
                             content_type=content_type.split(";")[0].strip(), html_bytes=len(body),
                             warc_offset=framed.offset)
+        self.kept(ledger, len(body))
         return WebPage(text="", id=doc.id, metadata=doc.metadata, body=body,
                        header_charset=header_charset(content_type))

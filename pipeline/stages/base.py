@@ -19,13 +19,16 @@ decision table written once; see docs/architecture.md.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_path
 from pipeline.sources.base import Unit
 
 STAGES_DIR = "stages"
+QUARANTINE_DIR = "quarantine"
 _WORKER_CACHE: dict[tuple[str, ...], Any] = {}
 
 
@@ -47,6 +50,31 @@ class MapStage(ABC):
 
     def marker_path(self, run_dir: Path, unit: Unit) -> Path:
         return self.stage_dir(run_dir) / f"{unit.id}.done.json"
+
+    def actor_memory(self) -> int:
+        """Bytes each actor of an actor stage declares to Ray (``uses_actors``)."""
+        return 512 * 2**20
+
+    def unit_outputs(self, run_dir: Path, unit: Unit, result: dict[str, Any]) -> list[Path]:
+        """The files one unit's run wrote (listed in its completion marker)."""
+        path = self.output_path(run_dir, unit)
+        return [path] if path.exists() else []
+
+    def quarantine_path(self, run_dir: Path, unit: Unit) -> Path:
+        return self.stage_dir(run_dir) / QUARANTINE_DIR / f"{unit.id}.jsonl"
+
+    def write_quarantine(self, run_dir: Path, unit: Unit, ledger) -> int:
+        """The unit's poison records as JSON lines (id, source, locator, stage, reason, error), atomically;
+        a stale file of an earlier attempt is removed when there are none."""
+        path = self.quarantine_path(run_dir, unit)
+        if not ledger.quarantined:
+            path.unlink(missing_ok=True)
+            return 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n"
+                                   for entry in ledger.quarantined))
+        return len(ledger.quarantined)
 
     @abstractmethod
     def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:

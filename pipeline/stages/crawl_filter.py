@@ -7,7 +7,7 @@ Web: URL → decode + extract (bounded per page) → language ID, C4, FineWeb, G
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,13 @@ def apply_filters(docs: Iterator[Document], filters: list, ledger: Ledger, clock
         nbytes = len(doc.text.encode("utf-8", "surrogatepass"))
         ledger.took(STAGE, source, kind, 1, nbytes)
         verdict: tuple[str, str] | None = None
+        error = ""
         for flt in filters:
             try:
                 kept, reason = flt(doc)
             except Exception as exc:  # one bad document never stops the unit
                 verdict = ("errored", f"{flt.name}:{type(exc).__name__}")
+                error = f"{type(exc).__name__}: {exc}"
                 break
             if not kept:
                 verdict = ("dropped", reason or flt.name)
@@ -48,7 +50,21 @@ def apply_filters(docs: Iterator[Document], filters: list, ledger: Ledger, clock
         elif verdict[0] == "dropped":
             ledger.dropped(STAGE, source, kind, verdict[1], 1, nbytes)
         else:
-            ledger.errored(STAGE, source, kind, verdict[1], 1, nbytes)
+            ledger.poison(STAGE, source, kind, verdict[1], nbytes, doc_id=doc.id, locator=doc.metadata["locator"],
+                          error=error)
+
+
+def unwritable(ledger: Ledger) -> Callable[[Document, Exception], None]:
+    """What to do with a kept document the writer cannot write: errored and quarantined instead of kept."""
+
+    def reject(doc: Document, exc: Exception) -> None:
+        source, kind = doc.metadata["source"], doc.metadata["source_kind"]
+        nbytes = len(doc.text.encode("utf-8", "surrogatepass"))
+        ledger.kept(STAGE, source, kind, -1, -nbytes)
+        ledger.poison(STAGE, source, kind, f"unwritable:{type(exc).__name__}", nbytes, doc_id=doc.id,
+                      locator=doc.metadata.get("locator", ""), error=f"{type(exc).__name__}: {exc}")
+
+    return reject
 
 
 class CrawlFilterStage(MapStage):
@@ -86,6 +102,9 @@ class CrawlFilterStage(MapStage):
                     read_clock[0] += time.perf_counter() - t0
                     if doc is None:
                         break
+                    if doc.metadata.get("unicode_repaired"):
+                        ledger.tally(READ_STAGE, unit.source, "repaired", "lone_surrogates",
+                                     doc.metadata["unicode_repaired"])
                     yield doc
 
         steps: dict[str, float] = {}  # seconds per step, for the per-step breakdown in stats.json
@@ -94,7 +113,8 @@ class CrawlFilterStage(MapStage):
             kept = filters.run(documents(), ledger, steps)
         else:
             kept = apply_filters(documents(), filters, ledger, clock)
-        count, nbytes = write_documents(self.output_path(run_dir, unit), kept)
+        count, nbytes = write_documents(self.output_path(run_dir, unit), kept, reject=unwritable(ledger))
+        self.write_quarantine(run_dir, unit, ledger)
         total = time.perf_counter() - started
         if unit.kind != "web":
             steps["filters"] = clock[0]

@@ -76,6 +76,12 @@ class DedupSignatureStage(MapStage):
         self.input_stage = input_stage
         self.unit_index = unit_index
 
+    def bands_path(self, run_dir: Path, unit: Unit) -> Path:
+        return self.stage_dir(run_dir) / f"{unit.id}.bands.arrow"
+
+    def unit_outputs(self, run_dir: Path, unit: Unit, result: dict[str, Any]) -> list[Path]:
+        return [p for p in (self.output_path(run_dir, unit), self.bands_path(run_dir, unit)) if p.exists()]
+
     def output_path(self, run_dir: Path, unit: Unit) -> Path:
         return self.stage_dir(run_dir) / f"{unit.id}.arrow"
 
@@ -139,7 +145,7 @@ class DedupSignatureStage(MapStage):
                           "loc": (np.concatenate(locs) if locs else np.zeros(0, np.int64))[order],
                           "exact": (np.concatenate(exact) if exact else np.zeros(0, bool))[order]})
         table = table.replace_schema_metadata({"partition_offsets": json.dumps(offsets)})
-        path = self.stage_dir(run_dir) / f"{unit.id}.bands.arrow"
+        path = self.bands_path(run_dir, unit)
         with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
                 pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)

@@ -29,7 +29,8 @@ from pipeline.config import QualityConfig
 from pipeline.document import DOC_SCHEMA
 from pipeline.ledger import Ledger
 from pipeline.quality import select
-from pipeline.quality.model import QualityModel, QualityModelError
+from pipeline.quality.model import FastTextHeader, QualityModel, QualityModelError, check_model_file
+from pipeline.shards import sha256_file
 from pipeline.sources.base import Unit
 from pipeline.stages.base import STAGES_DIR, MapStage, worker_cached
 
@@ -57,8 +58,42 @@ def load_models(cfg: QualityConfig) -> dict[str, QualityModel]:
     return models
 
 
-def model_digests(cfg: QualityConfig) -> dict[str, str]:
-    return {name: model.sha256 for name, model in load_models(cfg).items()}
+def check_models(cfg: QualityConfig) -> dict[str, FastTextHeader]:
+    """Every model a policy uses, checked from its file layout (no fastText load: the driver never holds a
+    GB-scale classifier; the scoring actors load it). Errors start with the config key."""
+    used = {p.model for p in cfg.policies.values() if p.mode != "exempt"}
+    headers = {}
+    for name, spec in cfg.models.items():
+        if name in used:
+            try:
+                headers[name] = check_model_file(spec.path, spec.label)
+            except QualityModelError as exc:
+                raise QualityModelError(f"quality.models.{name}: {exc}") from None
+    return headers
+
+
+def model_digests(cfg: QualityConfig, recorded: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """{name: {sha256, bytes, mtime_ns}} of the models in use. A model whose size and modification time match
+    what ``recorded`` (a run's run.json) says keeps its recorded digest: hashed once per run, not per call."""
+    digests = {}
+    for name in check_models(cfg):
+        path = Path(cfg.models[name].path).expanduser()
+        stat = path.stat()
+        before = (recorded or {}).get(name)
+        if isinstance(before, dict) and (before.get("bytes"), before.get("mtime_ns")) == (stat.st_size,
+                                                                                          stat.st_mtime_ns):
+            digests[name] = before
+        else:
+            digests[name] = {"sha256": sha256_file(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return digests
+
+
+def actor_memory(cfg: QualityConfig) -> int:
+    """Bytes a scoring actor holds: its models (fastText keeps the matrices as stored) and a working margin,
+    declared to Ray so that it places actors by memory as well as by CPU."""
+    used = {p.model for p in cfg.policies.values() if p.mode != "exempt"}
+    files = sum(Path(spec.path).expanduser().stat().st_size for name, spec in cfg.models.items() if name in used)
+    return int(files * 1.2) + 512 * 2**20
 
 
 class QualityScoreStage(MapStage):
@@ -73,12 +108,18 @@ class QualityScoreStage(MapStage):
     def warm(self) -> None:
         self._models()
 
+    def actor_memory(self) -> int:
+        return actor_memory(self.cfg)
+
     def _models(self) -> dict[str, QualityModel]:
         key = tuple(f"{n}={s.path}:{s.label}:{s.max_chars}" for n, s in sorted(self.cfg.models.items()))
         return worker_cached((SCORE_STAGE, *key), lambda: load_models(self.cfg))
 
     def scores_path(self, run_dir: Path, unit: Unit) -> Path:
         return self.stage_dir(run_dir) / f"{unit.id}.scores.arrow"
+
+    def unit_outputs(self, run_dir: Path, unit: Unit, result: dict[str, Any]) -> list[Path]:
+        return [p for p in (self.output_path(run_dir, unit), self.scores_path(run_dir, unit)) if p.exists()]
 
     def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:
         models = self._models()

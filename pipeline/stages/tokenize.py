@@ -31,6 +31,9 @@ class TokenizeStage(MapStage):
         self.target_bytes = int(shard_target_mb * 1024 * 1024)
         self.batch_size = batch_size
 
+    def unit_outputs(self, run_dir: Path, unit: Unit, result: dict[str, Any]) -> list[Path]:
+        return [run_dir / shard["path"] for shard in result["shards"]]
+
     def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:
         tokenizer = worker_cached((STAGE, self.tokenizer.fingerprint),
                                   lambda: load_tokenizer(run_dir / self.tokenizer.path))
@@ -52,10 +55,15 @@ class TokenizeStage(MapStage):
                 sources = batch.column("source").to_pylist()
                 kinds = batch.column("source_kind").to_pylist()
                 texts = batch.column("text").to_pylist()
-                encodings = encode(texts, add_special_tokens=False)
-                for doc_id, source, kind, text, enc, score in zip(ids, sources, kinds, texts, encodings, scores):
+                encodings, errors = _encode_isolating(encode, texts)
+                for doc_id, source, kind, text, enc, score, error in zip(ids, sources, kinds, texts, encodings,
+                                                                          scores, errors):
                     nbytes = len(text.encode("utf-8", "surrogatepass"))
                     ledger.took(STAGE, source, kind, 1, nbytes)
+                    if enc is None:
+                        ledger.poison(STAGE, source, kind, f"tokenize:{error.split(':')[0]}", nbytes, doc_id=doc_id,
+                                      locator="", error=error)
+                        continue
                     tokens = np.concatenate([np.asarray(enc.ids, dtype=dtype), eos])
                     writer.add(doc_id, source, kind, tokens, score)
                     ledger.kept(STAGE, source, kind, 1, nbytes)
@@ -64,4 +72,21 @@ class TokenizeStage(MapStage):
             writer.abort()
             raise
         ledger.add_seconds(STAGE, unit.source, time.perf_counter() - started)
+        self.write_quarantine(run_dir, unit, ledger)
         return {"ledger": ledger.to_json(), "shards": [asdict(s) for s in shards]}
+
+
+def _encode_isolating(encode, texts: list[str]) -> tuple[list, list[str]]:
+    """Encodings of a batch; if the batch call fails, each text alone, so only the poison one is lost."""
+    try:
+        return encode(texts, add_special_tokens=False), [""] * len(texts)
+    except Exception:  # noqa: BLE001 - find the document that broke the batch
+        encodings, errors = [], []
+        for text in texts:
+            try:
+                encodings.append(encode([text], add_special_tokens=False)[0])
+                errors.append("")
+            except Exception as exc:  # noqa: BLE001
+                encodings.append(None)
+                errors.append(f"{type(exc).__name__}: {exc}")
+        return encodings, errors
