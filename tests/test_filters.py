@@ -116,6 +116,22 @@ def test_web_text_steps_read_the_text_fineweb_gives_them(lid_model, austen):
     assert seen["fineweb"] == doc.text != text and "JavaScript" not in doc.text and "\nshort" not in doc.text
 
 
+def test_shared_spacy_words_equal_datatrove_words_across_rebuilds(austen):
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    from pipeline.filters.web import SpacyWords
+
+    words = SpacyWords("en", max_lexemes=50)  # rebuilt after almost every text
+    reference = load_word_tokenizer("en")
+    texts = [chapter(austen, i) for i in range(1, 6)] + ["IS_ALPHA breaks spaCy", "e-mail: a@b.org, U.S.A. 3.5%"]
+    for text in texts:
+        assert words.word_tokenize(text) == reference.word_tokenize(text)
+    assert words.rebuilds > 1 and words.sent_tokenize(texts[0]) == reference.sent_tokenize(texts[0])
+    # datatrove's quirk, made deterministic: a text holding the token IS_ALPHA always loses it
+    assert words.word_tokenize("IS_ALPHA breaks spaCy") == ["breaks", "spaCy"] == words.word_tokenize(
+        "IS_ALPHA breaks spaCy")
+
+
 def test_url_filter_params_reach_datatrove(lid_model, austen):
     cfg = parse_config({
         "sources": [{"name": "w", "kind": "web", "paths": ["/"]}],

@@ -4,18 +4,20 @@
    and MinHash signature -> ``stages/dedup_signatures/<unit>.arrow``; its LSH band keys (plus the exact key
    as one more "band") -> ``<unit>.bands.arrow``, sorted by shuffle partition (``key % partitions``).
 2. the graph (global, ``partitions`` tasks per step, outputs under ``stages/dedup/``):
-   *candidates*: partition k of every unit's bands -> buckets -> star edges to each bucket's minimum ->
-   verified by estimated Jaccard from the two signatures (memory-mapped, random access) ->
-   *connected components*: alternating large-star / small-star rounds, each a Ray shuffle of edge
-   partitions keyed by node -> *labels* (node -> component minimum = keeper) -> *keepers*: removed
-   documents with their keeper, cluster and estimated Jaccard, written to ``removed.parquet/part-k`` and
+   *candidates*: partition k of every unit's bands -> buckets -> star edges between document locations
+   (unique per document) to each bucket's minimum -> verified by estimated Jaccard from the two signatures
+   (memory-mapped, random access) -> *connected components*: alternating large-star / small-star rounds,
+   each a Ray shuffle of edge partitions keyed by node -> *labels* (node -> component) -> *keepers*: each
+   component keeps its member with the smallest node key; removed documents with their keeper, cluster
+   and estimated Jaccard, written to ``removed.parquet/part-k`` and
    ``removals/part-k.arrow`` (unit, row) for phase 3. ``graph.done.json`` marks it complete.
 3. ``dedup`` (map, one task per unit): the unit's documents minus its removals, with the ledger's
    ``exact_duplicate`` / ``near_duplicate`` drops.
 
 No task holds more than one partition of band keys or edges (plus the largest cluster's edges), and the
-kept set does not depend on the number of workers or on how the input was split into files: node keys
-derive from document ids and scores, never from positions.
+kept set does not depend on the number of workers or on how the input was split into files: the keeper
+order (node keys) derives from document ids and scores, never from positions; positions only name the
+graph's nodes.
 """
 
 from __future__ import annotations
@@ -218,35 +220,33 @@ def candidates_task(k: int, band_files: list[tuple[int, str]], sig_runs: list[li
         exact.append(part.column("exact").to_numpy(zero_copy_only=False))
     key, node, loc, is_exact = (np.concatenate(x) if x else np.zeros(0) for x in (keys, nodes, locs, exact))
     node, loc = node.astype(np.int64), loc.astype(np.int64)
-    i, j = bucket_star_pairs(key.astype(np.uint64), node)
+    # Graph nodes are locations, unique by construction (run, unit, row): two documents can never be one
+    # node, whatever their keys. The keeper order (node key) travels beside them to the keepers step.
+    i, j = bucket_star_pairs(key.astype(np.uint64), loc)
     stats = Counter(candidate_pairs=len(i))
-    collide = (node[i] == node[j]) & (loc[i] != loc[j])
-    stats["node_key_collisions"] = int(collide.sum())
-    i, j = i[~collide], j[~collide]
-    a, b = np.minimum(node[i], node[j]), np.maximum(node[i], node[j])
-    la, lb = np.where(node[i] <= node[j], loc[i], loc[j]), np.where(node[i] <= node[j], loc[j], loc[i])
+    stats["node_key_ties"] = int(((node[i] == node[j]) & (loc[i] != loc[j])).sum())
+    a, b = np.minimum(loc[i], loc[j]), np.maximum(loc[i], loc[j])
     exact_pair = is_exact[i].astype(bool)
     # one row per distinct edge; an exact-key bucket vouches for its pairs without verification
     order = np.lexsort((~exact_pair, b, a))
-    a, b, la, lb, exact_pair = a[order], b[order], la[order], lb[order], exact_pair[order]
+    a, b, exact_pair = a[order], b[order], exact_pair[order]
     first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
-    a, b, la, lb, exact_pair = a[first], b[first], la[first], lb[first], exact_pair[first]
+    a, b, exact_pair = a[first], b[first], exact_pair[first]
     if verify and len(a):
         files = SignatureFiles(sig_runs)
         check = ~exact_pair
         jac = np.ones(len(a))
         if check.any():
-            jac[check] = estimated_jaccard(files.signatures(la[check]), files.signatures(lb[check]))
+            jac[check] = estimated_jaccard(files.signatures(a[check]), files.signatures(b[check]))
         ok = jac >= threshold
         stats["rejected_by_verification"] = int((~ok).sum())
-        a, b, la, lb = a[ok], b[ok], la[ok], lb[ok]
+        a, b = a[ok], b[ok]
     stats["edges"] = len(a)
     edge_parts = _split(np.r_[a, b], np.r_[b, a], np.r_[a, b], P)               # both directions, by first
-    nl_nodes, nl_locs = np.r_[a, b], np.r_[la, lb]
-    if len(nl_nodes):
-        pairs = np.unique(np.stack([nl_nodes, nl_locs], axis=1), axis=0)
-        nl_nodes, nl_locs = pairs[:, 0], pairs[:, 1]
-    nodeloc_parts = _split(nl_nodes, nl_locs, nl_nodes, P)
+    priority = dict(zip(loc.tolist(), node.tolist()))
+    nl_locs = np.unique(np.r_[a, b]) if len(a) else np.zeros(0, np.int64)
+    nl_keys = np.array([priority[int(x)] for x in nl_locs], dtype=np.int64)
+    nodeloc_parts = _split(nl_locs, nl_keys, nl_locs, P)
     return (*edge_parts, *nodeloc_parts, dict(stats))
 
 
@@ -273,7 +273,7 @@ def small_star_task(P: int, *parts):
 
 def labels_task(P: int, n_nodeloc: int, *parts):
     """Converged stars (both directions, by first node; after the first ``n_nodeloc`` parts, which are the
-    (node, loc) table of this partition) -> (node, loc, label) rows, partitioned by label."""
+    (loc, node key) table of this partition) -> (loc, node key, label) rows, partitioned by label."""
     nodeloc_parts, edge_parts = parts[:n_nodeloc], parts[n_nodeloc:]
     u, v = _concat(edge_parts)
     order = np.argsort(u, kind="stable")
@@ -281,29 +281,34 @@ def labels_task(P: int, n_nodeloc: int, *parts):
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, np.int64)
     node = u[starts]
     label = np.minimum(np.minimum.reduceat(v, starts), node) if len(u) else node
-    nl_nodes, nl_locs = _concat(nodeloc_parts)
-    lookup = dict(zip(nl_nodes.tolist(), nl_locs.tolist()))
-    loc = np.array([lookup[int(x)] for x in node], dtype=np.int64)
+    nl_locs, nl_keys = _concat(nodeloc_parts)
+    lookup = dict(zip(nl_locs.tolist(), nl_keys.tolist()))
+    key = np.array([lookup[int(x)] for x in node], dtype=np.int64)
     part = label % P
-    return tuple((node[part == k], loc[part == k], label[part == k]) for k in range(P))
+    return tuple((node[part == k], key[part == k], label[part == k]) for k in range(P))
 
 
 def keepers_task(k: int, out_dir: str, sig_runs: list[list[str]], *parts) -> dict[str, Any]:
-    """Rows (node, loc, label) of the components whose label is in partition k -> removed docs."""
-    node = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-    loc = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    """Rows (loc, node key, label) of the components whose label is in partition k -> removed docs. Each
+    component keeps its member with the smallest node key (index runs first, then the best score, then
+    the smallest id); equal keys (the same id twice) fall back to the smaller location."""
+    loc = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    key = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
     label = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
-    keeper_loc = dict(zip(node[node == label].tolist(), loc[node == label].tolist()))
-    sizes = Counter(label.tolist())
-    removed = (node != label) & ((loc >> RUN_SHIFT) == 0)          # documents of an index run stay
-    r_loc, r_label = loc[removed], label[removed]
-    k_loc = np.array([keeper_loc[int(x)] for x in r_label], dtype=np.int64)
+    order = np.lexsort((loc, key, label))
+    loc, key, label = loc[order], key[order], label[order]
+    first = np.r_[True, label[1:] != label[:-1]] if len(label) else np.zeros(0, bool)
+    group = np.cumsum(first) - 1
+    keeper_loc, keeper_key = loc[first][group], key[first][group]
+    sizes = Counter(group.tolist())
+    removed = ~first & ((loc >> RUN_SHIFT) == 0)                   # documents of an index run stay
+    r_loc, k_loc, r_cluster = loc[removed], keeper_loc[removed], keeper_key[removed]
     files = SignatureFiles(sig_runs)
     jac = estimated_jaccard(files.signatures(r_loc), files.signatures(k_loc)) if len(r_loc) else np.zeros(0)
     reason = np.where(files.exact(r_loc) == files.exact(k_loc), REASON_EXACT, REASON_NEAR) if len(r_loc) \
         else np.zeros(0, np.int64)
     ids, kept_ids = files.ids(r_loc), files.ids(k_loc)
-    cluster = [f"{int(x):016x}" for x in r_label]
+    cluster = [f"{int(x):016x}" for x in r_cluster]  # the keeper's key: independent of the input layout
     order = sorted(range(len(ids)), key=ids.__getitem__)
     removed_table = pa.table({"id": pa.array([ids[i] for i in order], pa.string()),
                               "kept_id": pa.array([kept_ids[i] for i in order], pa.string()),
@@ -383,7 +388,7 @@ def run_graph(run_dir: Path, units: list[Unit], cfg: DedupConfig, log=None) -> d
     summary = {"params": dedup_params(cfg), "index_runs": len(cfg.index),
                "candidate_pairs": stats["candidate_pairs"], "verified_edges": stats["edges"],
                "rejected_by_verification": stats["rejected_by_verification"],
-               "node_key_collisions": stats["node_key_collisions"], "rounds": rounds,
+               "node_key_ties": stats["node_key_ties"], "rounds": rounds,
                "clusters": sum(o["clusters"] for o in outcomes),
                "cluster_size_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0].split("-")[0]))),
                "removed": sum(o["removed"] for o in outcomes), "removed_exact": sum(o["exact"] for o in outcomes),
