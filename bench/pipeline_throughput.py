@@ -113,11 +113,8 @@ def bench_warc_reading(warcs: list[Path]) -> dict:
 
     def ours_pages() -> int:
         ledger = Ledger()
-        for path in warcs:
-            for _ in reader.read(InputFile(str(path), path.name, path.stat().st_size), ledger):
-                pass
-        return sum(e["in"] - e["dropped"].get("warc_request", 0) - e["dropped"].get("warc_warcinfo", 0)
-                   for e in ledger.stats(["read"])["stages"]["read"].values())
+        return sum(1 for path in warcs
+                   for _ in reader.read(InputFile(str(path), path.name, path.stat().st_size), ledger))
 
     mb = sum(p.stat().st_size for p in warcs) / 1e6
     out = {"warc_mb": mb}

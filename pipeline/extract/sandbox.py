@@ -12,7 +12,6 @@ docs/benchmarks.md. With ``timeout_s <= 0`` the function runs in-process.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import subprocess
@@ -22,7 +21,6 @@ from pathlib import Path
 from pipeline.extract.frames import read_frame, write_frame
 from pipeline.extract.html import ExtractResult, ExtractSettings, HtmlToText
 
-log = logging.getLogger(__name__)
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 STARTUP_TIMEOUT_S = 120.0
 

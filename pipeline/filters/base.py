@@ -19,6 +19,11 @@ class DocumentFilter(Protocol):
     def __call__(self, doc: Document) -> Verdict: ...
 
 
+def datatrove_verdict(result: Any) -> tuple[bool, str | None]:
+    """A datatrove ``filter()`` answer (``bool`` or ``(bool, reason)``) as ``(kept, reason)``."""
+    return result if isinstance(result, tuple) else (bool(result), None)
+
+
 class DatatroveFilter:
     """Adapter: runs a datatrove ``BaseFilter`` and names its drop reasons ``<step>:<reason>``."""
 
@@ -27,8 +32,7 @@ class DatatroveFilter:
         self.impl = impl
 
     def __call__(self, doc: Document) -> Verdict:
-        result = self.impl.filter(doc)
-        kept, reason = result if isinstance(result, tuple) else (result, None)
+        kept, reason = datatrove_verdict(self.impl.filter(doc))
         if kept:
             return True, None
         return False, f"{self.name}:{reason}" if reason else self.name

@@ -49,7 +49,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from pipeline.config import CrawlFilterConfig
 from pipeline.extract import ExtractSettings, PageExtractor
-from pipeline.filters.base import Verdict
+from pipeline.filters.base import Verdict, datatrove_verdict
 from pipeline.ledger import Ledger
 
 TEXT_ORDER = ("language", "c4", "fineweb", "gopher_repetition", "gopher_quality")
@@ -124,10 +124,6 @@ def shared_words(language: str, cache: dict[str, Any]) -> Any:
     return cache[language]
 
 
-def _verdict(result: Any) -> tuple[bool, str | None]:
-    return result if isinstance(result, tuple) else (bool(result), None)
-
-
 class BoundedThenExact:
     """A datatrove filter run with the lower-bound tokenizer, re-run with the real one when inconclusive."""
 
@@ -141,13 +137,13 @@ class BoundedThenExact:
     def __call__(self, doc: Document) -> Verdict:
         text = doc.text
         try:
-            kept, reason = _verdict(self.bounded.filter(doc))
+            kept, reason = datatrove_verdict(self.bounded.filter(doc))
         except ZeroDivisionError:  # a bound of zero words: ask the real tokenizer
             kept, reason = False, next(iter(self.inconclusive))
         if not kept and reason in self.inconclusive:
             self.rechecks += 1
             doc.text = text
-            kept, reason = _verdict(self.exact.filter(doc))
+            kept, reason = datatrove_verdict(self.exact.filter(doc))
         if kept:
             return True, None
         return False, f"{self.name}:{reason}" if reason else self.name
