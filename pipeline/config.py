@@ -173,6 +173,9 @@ class DedupConfig(_Strict):
     verify: bool = True                      # reject LSH candidates whose estimated Jaccard < threshold
     scope: Literal["kind", "all"] = "kind"  # dedup within each source kind, or across all sources
     partitions: int = Field(default=16, ge=1, le=4096)  # shuffle partitions: memory per task ~ 1 / partitions
+    # Files one shuffle task may hold open (and memory-mapped) at once: more producer files than this are
+    # merged in levels of fan_in first. Changes the work's layout, never its result.
+    fan_in: int = Field(default=64, ge=2, le=4096)
     score_key: str = "quality_score"         # metadata key; the highest score is kept
     index: list[str] = Field(default_factory=list)      # earlier run directories (incremental mode)
     max_rounds: int = Field(default=64, ge=2)

@@ -39,7 +39,7 @@ from pipeline.sources import plan_fingerprint, plan_units
 from pipeline.sources.base import READ_STAGE, Unit
 from pipeline.stages.base import MapStage
 from pipeline.stages.crawl_filter import CrawlFilterStage
-from pipeline.stages.dedup import DedupApplyStage, DedupSignatureStage, dedup_params, run_graph
+from pipeline.stages.dedup import DedupApplyStage, DedupSignatureStage, dedup_params, removal_parts, run_graph
 from pipeline.stages.quality import (
     QualityScoreStage,
     QualitySelectStage,
@@ -73,8 +73,10 @@ def _execute_unit(stage: MapStage, unit: Unit, run_dir: str) -> dict[str, Any]:
     """The body of one Ray task: process the unit, then write its completion marker, which lists the unit's
     outputs (path, bytes, sha256) so that a resume can tell a marker whose outputs went missing."""
     root = Path(run_dir)
+    started = time.perf_counter()
     result = stage.run_unit(unit, root)
     result["unit"] = unit.id
+    result["task_seconds"] = round(time.perf_counter() - started, 4)   # busy time: wall x CPUs - this = overhead
     result["outputs"] = [{"path": str(path.relative_to(root)), "bytes": path.stat().st_size,
                           "sha256": sha256_file(path)} for path in stage.unit_outputs(root, unit, result)]
     write_json(stage.marker_path(root, unit), result)
@@ -430,12 +432,13 @@ class PipelineRun:
             return crawl, {}, None
         unit_index = {u.id: i for i, u in enumerate(sorted(self.units, key=lambda u: u.id))}
         signatures = DedupSignatureStage(cfg, crawl, unit_index)
-        self.map_stage(signatures)
+        signed = self.map_stage(signatures)
         write_json(signatures.stage_dir(self.run_dir) / "params.json", dedup_params(cfg))
         started = time.perf_counter()
-        summary = run_graph(self.run_dir, self.units, cfg, log)
+        documents = sum(r.get("documents", 0) for r in signed.values())
+        summary = run_graph(self.run_dir, self.units, cfg, log, documents=documents)
         self.wall_seconds["dedup_graph"] = round(time.perf_counter() - started, 3)
-        apply = DedupApplyStage(crawl, unit_index, cfg.partitions)
+        apply = DedupApplyStage(crawl, unit_index, removal_parts(cfg, len(self.units)))
         return apply, self.map_stage(apply), summary
 
     # ----------------------------------------------------------------- outputs

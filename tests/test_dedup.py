@@ -53,19 +53,26 @@ def _write_jsonl(directory: Path, docs: list[dict], files: int) -> Path:
     return directory
 
 
-def _run_pipeline(tmp: Path, name: str, data: Path, cpus: int = 2, index: list[str] | None = None) -> Path:
+def _pipeline_config(tmp: Path, name: str, data: Path, index: list[str] | None = None, **dedup) -> Path:
     cfg = {
         "sources": [{"name": "mixed", "kind": "code", "format": "jsonl", "paths": [str(data)],
                      "id_field": "id", "path_field": "path"}],
         "crawl_filter": {"code": {"max_line_length": 100000, "max_mean_line_length": 10000,
                                   "min_alphanum_fraction": 0.0}},
-        "dedup": {"scope": "all", "partitions": 4, "index": index or []},
+        "dedup": {"scope": "all", "partitions": 4, "index": index or [], **dedup},
         "tokenize": {"train": {"vocab_size": 512, "sample_mb": 0.5}, "shard_target_mb": 1},
         "run": {"unit_target_mb": 0.5},
     }
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp / f"{name}.yaml"
+
+
+def _run_pipeline(tmp: Path, name: str, data: Path, cpus: int = 2, index: list[str] | None = None,
+                  until: str | None = None, **dedup) -> Path:
+    config = _pipeline_config(tmp, name, data, index, **dedup)
     out = tmp / name
-    proc = run_cli("run", str(tmp / f"{name}.yaml"), "--output", str(out), "--num-cpus", str(cpus), "--no-progress")
+    proc = run_cli("run", str(config), "--output", str(out), "--num-cpus", str(cpus), "--no-progress",
+                   *(["--until", until] if until else []))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -128,6 +135,55 @@ def test_same_removed_set_whatever_the_workers_and_input_split(dedup_run):
     reference = _removed(run)
     assert _removed(split) == reference
     assert _removed(one_cpu) == reference
+
+
+def test_fan_in_and_partitions_change_the_layout_not_the_removed_set(dedup_run):
+    """16 partitions merged at fan-in 2 (every shuffle goes through merge levels, several units per
+    removal file): the same removed set as 4 partitions read directly; no graph task held more than its
+    fan-in of files mapped at once, and the driver held one reference per task of a step at most."""
+    tmp, docs, run = dedup_run
+    narrow = _run_pipeline(tmp, "fan-in-2", _write_jsonl(tmp / "in-fan", docs, 5), until="dedup", partitions=16,
+                           fan_in=2)
+    assert _removed(narrow) == _removed(run)
+    summary = json.loads((narrow / "stages/dedup/graph.done.json").read_text())["shuffle"]
+    units = len(list((narrow / "stages/dedup_signatures").glob("*.bands.arrow")))
+    assert summary["band_merge_levels"] >= 2 and units >= 5
+    assert 1 <= summary["max_maps_per_task"] <= 2 + 1      # fan-in, plus the file being written
+    assert summary["max_driver_refs"] <= max(16, units)
+    assert not (narrow / "stages/dedup/graph").exists()      # intermediate files are deleted once consumed
+
+
+@pytest.mark.slow
+def test_a_driver_killed_in_a_graph_round_resumes_to_the_same_removed_set(dedup_run):
+    """SIGKILL the whole run (driver and its local Ray) once the first connected-components round has
+    finished tasks, then the same command: it resumes the finished tasks and removes the same documents."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp, docs, run = dedup_run
+    config = _pipeline_config(tmp, "killed", _write_jsonl(tmp / "in-killed", docs, 5), partitions=16, fan_in=4)
+    out = tmp / "killed"
+    args = [sys.executable, "-m", "pipeline", "run", str(config), "--output", str(out), "--num-cpus", "2",
+            "--no-progress", "--until", "dedup"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "JAMBA_RAY_DASHBOARD": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    round_markers = out / "stages/dedup/graph/round-001/small"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if round_markers.exists() and any(round_markers.glob("task-*.done.json")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed in a graph round"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stages/dedup/graph.done.json").exists()
+    resumed = _run_pipeline(tmp, "killed", tmp / "in-killed", until="dedup", partitions=16, fan_in=4)
+    summary = json.loads((resumed / "stages/dedup/graph.done.json").read_text())["shuffle"]
+    assert summary["resumed_tasks"] > 0
+    assert _removed(resumed) == _removed(run)
 
 
 def test_incremental_removes_only_new_documents_matching_the_index(near_duplicates, tmp_path):

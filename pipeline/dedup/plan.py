@@ -5,7 +5,8 @@ The sizes follow the stage's own files and arrays (pipeline/stages/dedup.py):
 * band entries per document: (bands + 1 exact) x (key 8 + node 8 + loc 8 + flag 1);
 * a candidates task holds 1/partitions of all band entries, plus sort permutations and its star edges;
 * connected-component tasks hold 1/partitions of the edges (16 bytes each way) with their sort copies;
-* the largest cluster's edges sit in one task whatever the partitioning (linear in its size).
+* the largest cluster's edges sit in one task whatever the partitioning (linear in its size);
+* a shuffle merge holds one partition of its fan-in inputs: at most 1/partitions of a step's data.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def plan_dedup(docs: int, cfg: DedupConfig, duplicate_fraction: float = 0.3, uni
                                            + 8192 * cfg.num_perm * 8 * 3),
               "candidates (per partition)": int(candidates),
               "connected components (per partition)": int(components),
-              "keepers (per partition)": int(dups / P * 64)}
+              "keepers (per partition)": int(dups / P * 64),
+              # a merge holds one partition of its inputs: at most 1/partitions of the band entries, copied
+              "merge (per task)": int(docs * keys_per_doc * entry_bytes / P * 2)}
     widest = max(memory["candidates (per partition)"], memory["connected components (per partition)"])
     recommended = max(1, math.ceil(widest * P / task_budget))
     return DedupPlan(docs, P, bands, rows, disk, memory, recommended)
