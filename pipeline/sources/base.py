@@ -36,9 +36,36 @@ GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 @dataclass(frozen=True)
 class InputFile:
+    """One input file, or one range of it (a large file cut by the planner, see ``pipeline.sources.ranges``).
+
+    ``start``/``end`` are the bytes ``[start, end)`` the range covers (``end`` None: to the end of the
+    file); a reader takes every record that *starts* in it. For Parquet the reader's range is
+    ``row_groups`` ``[first, stop)``, and ``start``/``end`` are those row groups' bytes (for sizes only).
+    A whole file is ``start=0, end=None, row_groups=None``.
+    """
+
     url: str  # what fsspec opens
     rel: str  # stable locator base: path relative to the configured entry (no machine-specific prefix)
-    size: int
+    size: int  # of the whole file
+    start: int = 0
+    end: int | None = None
+    row_groups: tuple[int, int] | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end is None and self.row_groups is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the file this range covers."""
+        return (self.size if self.end is None else self.end) - self.start
+
+    def describe(self) -> str:
+        if self.whole:
+            return self.rel
+        if self.row_groups is not None:
+            return f"{self.rel}[row groups {self.row_groups[0]}-{self.row_groups[1] - 1}]"
+        return f"{self.rel}[bytes {self.start}-{self.size if self.end is None else self.end})"
 
 
 @dataclass(frozen=True)
@@ -50,7 +77,10 @@ class Unit:
 
     @property
     def size(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(f.nbytes for f in self.files)
+
+    def describe(self) -> str:
+        return f"{self.id} ({', '.join(f.describe() for f in self.files)})"
 
 
 class Reader:
