@@ -221,7 +221,14 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
 def plan_units(config: PipelineConfig) -> list[Unit]:
-    """Deterministic units for every source: the same inputs and config give the same plan."""
+    """Deterministic units for every source: the same inputs and config give the same plan.
+
+    A file of at least ``run.unit_target_mb`` is cut into ranges of about that size at record boundaries
+    where its format allows it (``pipeline.sources.ranges``), one unit each; a file that cannot be cut is
+    one unit. Smaller files are grouped into consecutive runs up to the target; each code archive is alone.
+    """
+    from pipeline.sources.ranges import split_file
+
     target = int(config.run.unit_target_mb * 1024 * 1024)
     units: list[Unit] = []
     for i, source in enumerate(config.sources):
@@ -232,10 +239,14 @@ def plan_units(config: PipelineConfig) -> list[Unit]:
         groups: list[list[InputFile]] = []
         current: list[InputFile] = []
         current_size = 0
+        whole_large = 0
         for f in files:
             alone = f.size >= target or (source.format == "code" and f.url.endswith(ARCHIVE_SUFFIXES))
             if alone:
-                groups.append([f])
+                ranges = split_file(source, f, target)
+                groups.extend([r] for r in ranges)
+                if len(ranges) == 1 and f.size > 2 * target and source.format in ("jsonl", "parquet", "warc"):
+                    whole_large += 1
                 continue
             if current and current_size + f.size > target:
                 groups.append(current)
@@ -244,9 +255,18 @@ def plan_units(config: PipelineConfig) -> list[Unit]:
             current_size += f.size
         if current:
             groups.append(current)
+        if whole_large:
+            log.warning("source %s: %d file(s) over twice run.unit_target_mb could not be cut at record "
+                        "boundaries and are one unit each (streamed, never held whole)", source.name, whole_large)
         for n, group in enumerate(groups):
             units.append(Unit(id=f"{source.name}-{n:05d}", source=source.name, kind=source.kind, files=tuple(group)))
     return units
+
+
+def oversized_units(units: list[Unit], target_mb: float) -> list[Unit]:
+    """Units of one whole file over twice the target: files the planner could not cut."""
+    limit = 2 * target_mb * 1024 * 1024
+    return [u for u in units if len(u.files) == 1 and u.files[0].whole and u.size > limit]
 
 
 def plan_fingerprint(units: list[Unit]) -> str:
@@ -255,4 +275,6 @@ def plan_fingerprint(units: list[Unit]) -> str:
         digest.update(unit.id.encode())
         for f in unit.files:
             digest.update(f"\x00{f.rel}\x00{f.size}".encode())
+            if not f.whole:  # whole files hash as before ranges existed: earlier runs still resume
+                digest.update(f"\x00{f.start}:{f.end}:{f.row_groups}".encode())
     return digest.hexdigest()[:16]
