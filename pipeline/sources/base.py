@@ -2,7 +2,8 @@
 
 Planning lists each source's files (local or any fsspec URL), checks they exist before work starts, and
 groups them into *units*: the granularity of Ray work, of atomic outputs and of resume. A unit is either
-one large file or a run of consecutive small files of one source, up to ``run.unit_target_mb``.
+one range of a large file (``pipeline.sources.ranges``: cut at record boundaries), one large file that
+cannot be cut, or a run of consecutive small files of one source, up to ``run.unit_target_mb``.
 
 A reader turns one file into documents and books every record it sees in the ledger under stage
 ``read``: kept (became a document), dropped for a reason (not a document: non-HTML, empty, binary, ...) or
@@ -269,12 +270,17 @@ def oversized_units(units: list[Unit], target_mb: float) -> list[Unit]:
     return [u for u in units if len(u.files) == 1 and u.files[0].whole and u.size > limit]
 
 
+# Bumped when what a plan means for the outputs changes. v2: ranges, and locators as byte offsets (JSONL and
+# WARC document ids changed), so a run started before cannot be resumed into a mix of both.
+PLAN_VERSION = b"units-v2"
+
+
 def plan_fingerprint(units: list[Unit]) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(PLAN_VERSION)
     for unit in units:
         digest.update(unit.id.encode())
         for f in unit.files:
             digest.update(f"\x00{f.rel}\x00{f.size}".encode())
-            if not f.whole:  # whole files hash as before ranges existed: earlier runs still resume
+            if not f.whole:
                 digest.update(f"\x00{f.start}:{f.end}:{f.row_groups}".encode())
     return digest.hexdigest()[:16]
