@@ -130,6 +130,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.quality.model import QualityModelError
     from pipeline.sources import plan_units
+    from pipeline.sources.base import oversized_units
 
     try:
         config = load_config(args.config)
@@ -155,12 +156,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         labels = header.label_names
         print(f"  quality model {name}: {spec.path} ({header.file_bytes / 1e6:.1f} MB, labels "
               f"{', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''}; score = P({spec.label}))")
+    whole = {u.id for u in oversized_units(units, config.run.unit_target_mb)}
     for source in config.sources:
         mine = [u for u in units if u.source == source.name]
-        files = sum(len(u.files) for u in mine)
+        files = len({f.url for u in mine for f in u.files})
         size = sum(u.size for u in mine) / 1e6
+        uncut = sum(u.id in whole for u in mine)
         print(f"  {source.name:<24} {source.kind:<5} {source.format:<8} {files:>7} files {size:>10.1f} MB "
-              f"{len(mine):>5} units")
+              f"{len(mine):>5} units" + (f" ({uncut} over twice the unit target, not cut)" if uncut else ""))
     return EXIT_OK
 
 

@@ -337,7 +337,7 @@ class PipelineRun:
                         results[unit.id] = ray.get(ref)
                     except Exception as exc:  # a unit-level failure is a bug or a lost node: report, go on
                         failures[unit.id] = _short_error(exc)
-                        log.error("stage %s unit %s failed: %s", stage.name, unit.id, exc)
+                        log.error("stage %s unit %s failed: %s", stage.name, unit.describe(), exc)
                     bar.update(1)
         for actor in actors:
             ray.kill(actor)

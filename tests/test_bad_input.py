@@ -123,7 +123,7 @@ def test_bad_inputs_are_counted_and_the_run_goes_on(corpus, tmp_path):
                    for line in f.read_text().splitlines()]
     by_reason = {q["reason"]: q for q in quarantined}
     assert set(by_reason) == {"invalid_json", "truncated_record", "corrupt_record"}, quarantined
-    assert by_reason["invalid_json"]["locator"].startswith("tabular/records.jsonl#L")
+    assert by_reason["invalid_json"]["locator"].startswith("tabular/records.jsonl#B")
     assert by_reason["corrupt_record"]["locator"].startswith("web/corrupt.warc#")
     assert all(q["stage"] == "read" and q["id"] and q["error"] for q in quarantined)
 

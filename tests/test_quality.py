@@ -289,3 +289,60 @@ def test_quality_train_config_errors_are_one_line(text, message, tmp_path):
     proc = run_cli("quality", "train", "--config", str(config))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+
+
+class _Input:
+    """Stands for the stage before quality: where a unit's documents are."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def output_path(self, run_dir: Path, unit: Unit) -> Path:
+        return self.path
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("mode", [{"mode": "pareto"}, {"mode": "threshold", "min_score": 0.5}])
+def test_score_and_select_stream_a_unit_in_batches(quality_model, corpus, tmp_path, mode):
+    """Both stages read and write a unit batch by batch, and give what deciding on the whole table gives."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.document import make_document, write_documents
+    from pipeline.stages.quality import QualitySelectStage
+
+    text = (corpus.root / "books/austen-persuasion.txt").read_text()
+    paras = [p.strip() for p in text.split("\n\n") if p.strip()][:700] + ["", "   "]
+    docs = [make_document(p, "books", "book", f"persuasion#{i}") for i, p in enumerate(paras)]
+    write_documents(tmp_path / "in.parquet", docs)
+    cfg = QualityConfig(enabled=True, models={"default": {"path": str(quality_model)}}, batch_size=64,
+                        policies={"default": mode})
+    unit = Unit(id="books-00000", source="books", kind="book")
+    score = QualityScoreStage(cfg, _Input(tmp_path / "in.parquet"), {"books": "book"})
+    result = score.run_unit(unit, tmp_path)
+    scored = pq.ParquetFile(score.output_path(tmp_path, unit))
+    assert scored.metadata.num_row_groups > 1                       # written batch by batch
+    table = scored.read()
+    model = QualityModel.load(str(quality_model), cfg.models["default"].label, cfg.models["default"].max_chars)
+    expected = model.score(paras)
+    scores = pa.ipc.open_file(pa.memory_map(str(score.scores_path(tmp_path, unit)))).read_all()
+    assert scores.column("source").to_pylist() == ["books"] * len(paras)
+    np.testing.assert_array_equal(scores.column("score").to_numpy(zero_copy_only=False), expected)
+    assert table.column("id").to_pylist() == [d.id for d in docs] and result["documents"] == len(paras)
+    assert [json.loads(m)["quality_score"] for m in table.column("metadata").to_pylist()] == \
+        [round(float(s), 7) for s in expected]
+
+    select_stage = QualitySelectStage(cfg, score, {"books": "book"}, {})
+    result = select_stage.run_unit(unit, tmp_path)
+    if mode["mode"] == "pareto":
+        keep = select.pareto_keep(expected.astype(np.float64), table.column("id").to_pylist(),
+                                  cfg.policies["default"].seed, cfg.policies["default"].alpha)
+    else:
+        keep = expected.astype(np.float64) >= 0.5
+    selected = pq.read_table(select_stage.output_path(tmp_path, unit))
+    assert selected.equals(table.filter(pa.array(keep))) and result["kept"] == int(keep.sum()) > 0
+    from pipeline.ledger import Ledger
+
+    booked = Ledger.from_json(result["ledger"]).stats(["quality"])["stages"]["quality"]["books"]
+    assert booked["in"] == len(paras) and booked["kept"] == int(keep.sum())
+    assert booked["bytes_in"] == sum(pc.binary_length(table.column("text")).to_pylist())

@@ -2,7 +2,8 @@
 
 Planning lists each source's files (local or any fsspec URL), checks they exist before work starts, and
 groups them into *units*: the granularity of Ray work, of atomic outputs and of resume. A unit is either
-one large file or a run of consecutive small files of one source, up to ``run.unit_target_mb``.
+one range of a large file (``pipeline.sources.ranges``: cut at record boundaries), one large file that
+cannot be cut, or a run of consecutive small files of one source, up to ``run.unit_target_mb``.
 
 A reader turns one file into documents and books every record it sees in the ledger under stage
 ``read``: kept (became a document), dropped for a reason (not a document: non-HTML, empty, binary, ...) or
@@ -36,9 +37,36 @@ GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 @dataclass(frozen=True)
 class InputFile:
+    """One input file, or one range of it (a large file cut by the planner, see ``pipeline.sources.ranges``).
+
+    ``start``/``end`` are the bytes ``[start, end)`` the range covers (``end`` None: to the end of the
+    file); a reader takes every record that *starts* in it. For Parquet the reader's range is
+    ``row_groups`` ``[first, stop)``, and ``start``/``end`` are those row groups' bytes (for sizes only).
+    A whole file is ``start=0, end=None, row_groups=None``.
+    """
+
     url: str  # what fsspec opens
     rel: str  # stable locator base: path relative to the configured entry (no machine-specific prefix)
-    size: int
+    size: int  # of the whole file
+    start: int = 0
+    end: int | None = None
+    row_groups: tuple[int, int] | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end is None and self.row_groups is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the file this range covers."""
+        return (self.size if self.end is None else self.end) - self.start
+
+    def describe(self) -> str:
+        if self.whole:
+            return self.rel
+        if self.row_groups is not None:
+            return f"{self.rel}[row groups {self.row_groups[0]}-{self.row_groups[1] - 1}]"
+        return f"{self.rel}[bytes {self.start}-{self.size if self.end is None else self.end})"
 
 
 @dataclass(frozen=True)
@@ -50,7 +78,10 @@ class Unit:
 
     @property
     def size(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(f.nbytes for f in self.files)
+
+    def describe(self) -> str:
+        return f"{self.id} ({', '.join(f.describe() for f in self.files)})"
 
 
 class Reader:
@@ -191,7 +222,14 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
 def plan_units(config: PipelineConfig) -> list[Unit]:
-    """Deterministic units for every source: the same inputs and config give the same plan."""
+    """Deterministic units for every source: the same inputs and config give the same plan.
+
+    A file of at least ``run.unit_target_mb`` is cut into ranges of about that size at record boundaries
+    where its format allows it (``pipeline.sources.ranges``), one unit each; a file that cannot be cut is
+    one unit. Smaller files are grouped into consecutive runs up to the target; each code archive is alone.
+    """
+    from pipeline.sources.ranges import split_file
+
     target = int(config.run.unit_target_mb * 1024 * 1024)
     units: list[Unit] = []
     for i, source in enumerate(config.sources):
@@ -202,10 +240,14 @@ def plan_units(config: PipelineConfig) -> list[Unit]:
         groups: list[list[InputFile]] = []
         current: list[InputFile] = []
         current_size = 0
+        whole_large = 0
         for f in files:
             alone = f.size >= target or (source.format == "code" and f.url.endswith(ARCHIVE_SUFFIXES))
             if alone:
-                groups.append([f])
+                ranges = split_file(source, f, target)
+                groups.extend([r] for r in ranges)
+                if len(ranges) == 1 and f.size > 2 * target and source.format in ("jsonl", "parquet", "warc"):
+                    whole_large += 1
                 continue
             if current and current_size + f.size > target:
                 groups.append(current)
@@ -214,15 +256,31 @@ def plan_units(config: PipelineConfig) -> list[Unit]:
             current_size += f.size
         if current:
             groups.append(current)
+        if whole_large:
+            log.warning("source %s: %d file(s) over twice run.unit_target_mb could not be cut at record "
+                        "boundaries and are one unit each (streamed, never held whole)", source.name, whole_large)
         for n, group in enumerate(groups):
             units.append(Unit(id=f"{source.name}-{n:05d}", source=source.name, kind=source.kind, files=tuple(group)))
     return units
 
 
+def oversized_units(units: list[Unit], target_mb: float) -> list[Unit]:
+    """Units of one whole file over twice the target: files the planner could not cut."""
+    limit = 2 * target_mb * 1024 * 1024
+    return [u for u in units if len(u.files) == 1 and u.files[0].whole and u.size > limit]
+
+
+# Bumped when what a plan means for the outputs changes. v2: ranges, and locators as byte offsets (JSONL and
+# WARC document ids changed), so a run started before cannot be resumed into a mix of both.
+PLAN_VERSION = b"units-v2"
+
+
 def plan_fingerprint(units: list[Unit]) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(PLAN_VERSION)
     for unit in units:
         digest.update(unit.id.encode())
         for f in unit.files:
             digest.update(f"\x00{f.rel}\x00{f.size}".encode())
+            if not f.whole:
+                digest.update(f"\x00{f.start}:{f.end}:{f.row_groups}".encode())
     return digest.hexdigest()[:16]

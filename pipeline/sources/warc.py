@@ -9,10 +9,15 @@ Every record is booked under ``read``: kept (an HTML page), dropped (request, wa
 non-HTML, too large, truncated by the crawler) or errored (``truncated_record``, ``corrupt_gzip_member``,
 ``corrupt_record``, ``gzip_member_too_large``, or ``corrupt_record:<Exception>`` for anything FastWARC
 raises on one record).
+
+A record's locator is ``<rel>#B<offset>``: the byte offset of its gzip member (of the record itself in a
+plain WARC), with ``+<k>`` for the k-th further record of a member holding several. It does not depend on
+how the file was cut into ranges (``pipeline.sources.ranges``); a range reads the records starting in it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,9 +27,10 @@ from datatrove.data import Document
 from pipeline.document import make_document
 from pipeline.extract.charset import header_charset
 from pipeline.ledger import Ledger
-from pipeline.sources.base import InputFile, Reader
+from pipeline.sources.base import READ_STAGE, InputFile, Reader
 from pipeline.sources.warc_stream import Framed, frame_records, gzip_records
 
+log = logging.getLogger(__name__)
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 HEADER_ALLOWANCE = 1 << 20  # HTTP headers and WARC framing on top of the largest accepted body
 
@@ -48,20 +54,37 @@ class WarcReader(Reader):
             self.dropped(ledger, "empty_file")
             return
         max_record = self.max_html + HEADER_ALLOWANCE
+
+        def missed(at: int) -> None:
+            log.warning("%s: the range ending at byte %d was not on the file's chain of gzip members (reading "
+                        "stopped at %d); records near the cut may be read twice or not at all", file.rel,
+                        file.end, at)
+            ledger.tally(READ_STAGE, self.source.name, "split", "boundary_missed")
+
         with fsspec.open(file.url, "rb") as raw:
             if file.url.endswith(".gz"):
-                records = gzip_records(raw, max_record, max_member=2 * max_record)
+                records = gzip_records(raw, max_record, max_member=2 * max_record, start=file.start,
+                                       end=file.end, missed=missed)
             else:
-                records = frame_records(raw.read, max_record)
-            for index, framed in enumerate(records):
+                if file.start:
+                    raw.seek(file.start)
+                records = frame_records(raw.read, max_record, offset=file.start)
+            previous, k = -1, 0
+            for framed in records:
+                if file.end is not None and framed.offset >= file.end:
+                    break  # a plain WARC's next range starts here
+                k = k + 1 if framed.offset == previous else 0
+                previous = framed.offset
+                # Where the record starts in the file (its gzip member's offset, and its rank within that
+                # member when a member holds several records): the same whether or not the file was split.
+                locator = f"{file.rel}#B{framed.offset}" + (f"+{k}" if k else "")
                 self.took(ledger)
-                locator = f"{file.rel}#{index}"
                 if framed.damage:
                     self.errored(ledger, framed.damage, locator=locator,
                                  error=f"{framed.damage} at byte {framed.offset}")
                     continue
                 try:
-                    page = self._page(framed, index, file, ledger)
+                    page = self._page(framed, locator, ledger)
                 except Exception as exc:  # FastWARC on a malformed record: that record's error, not the file's
                     self.errored(ledger, f"corrupt_record:{type(exc).__name__}", locator=locator,
                                  error=f"{type(exc).__name__}: {exc} (record at byte {framed.offset})")
@@ -69,7 +92,7 @@ class WarcReader(Reader):
                 if page is not None:
                     yield page
 
-    def _page(self, framed: Framed, index: int, file: InputFile, ledger: Ledger) -> WebPage | None:
+    def _page(self, framed: Framed, locator: str, ledger: Ledger) -> WebPage | None:
         from fastwarc.warc import WarcRecord
 
         record = WarcRecord.from_bytes(framed.data)
@@ -102,7 +125,7 @@ class WarcReader(Reader):
             self.dropped(ledger, "empty_body")
             return None
         url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")
-        doc = make_document("", self.source.name, self.source.kind, f"{file.rel}#{index}", url=url,
+        doc = make_document("", self.source.name, self.source.kind, locator, url=url,
                             crawl_date=record.headers.get("WARC-Date") or "",
                             content_type=content_type.split(";")[0].strip(), html_bytes=len(body),
                             warc_offset=framed.offset)

@@ -16,7 +16,12 @@ What every damage becomes — one item each, never a phantom:
 * a member inflating to more than ``max_member`` bytes: ``gzip_member_too_large`` (a whole-file gzip
   stream, which is not a WARC.gz layout; recompress it per record).
 
-Records are handed on as bytes (header + block) for FastWARC to parse.
+Records are handed on as bytes (header + block) for FastWARC to parse, each with the offset of its gzip
+member (compressed files) or of itself (plain files): the reader's locator, the same whether the file is
+read whole or in ranges. A range ``[start, end)`` of a WARC.gz takes the members that start in it (see
+``gzip_records``); a damaged member is booked by the range it starts in, and resynchronisation after it
+lands at the latest on the next range's start, which the planner chose by the same test
+(``starts_a_member``), so each record and each damage is booked exactly once over the ranges.
 """
 
 from __future__ import annotations
@@ -146,7 +151,8 @@ def frame_records(read: Callable[[int], bytes], max_record: int, offset: int = 0
         yield Framed(at, data=buf.take(total))
 
 
-def _starts_a_member(raw: BinaryIO, at: int) -> bool:
+def starts_a_member(raw: BinaryIO, at: int) -> bool:
+    """Whether a gzip member that inflates to a WARC record header starts at byte ``at``."""
     raw.seek(at)
     head = raw.read(64 * 1024)
     if not head.startswith(GZIP_MAGIC):
@@ -157,27 +163,44 @@ def _starts_a_member(raw: BinaryIO, at: int) -> bool:
         return False
 
 
-def _next_member(raw: BinaryIO, after: int) -> int | None:
-    """The offset of the next plausible gzip member after ``after``, or None."""
+def next_member(raw: BinaryIO, after: int, limit: int | None = None) -> int | None:
+    """The offset of the first plausible gzip member (``starts_a_member``) at or after ``after`` and
+    before ``limit`` (the end of the file when None), or None. Used both to resynchronise after a corrupt
+    member and, by the planner, to cut a WARC.gz into ranges: the same test, so they agree."""
     pos = after
-    while True:
+    while limit is None or pos < limit:
         raw.seek(pos)
-        chunk = raw.read(CHUNK + len(GZIP_MAGIC))
+        want = CHUNK if limit is None else min(CHUNK, limit - pos)
+        chunk = raw.read(want + len(GZIP_MAGIC) - 1)
         if len(chunk) < len(GZIP_MAGIC):
             return None
-        start = 0
-        while (idx := chunk.find(GZIP_MAGIC, start)) >= 0:
-            if _starts_a_member(raw, pos + idx):
+        idx = chunk.find(GZIP_MAGIC)
+        while 0 <= idx < want:  # a magic starting in the overlap is looked at on the next round
+            if starts_a_member(raw, pos + idx):
                 return pos + idx
-            start = idx + 1
-        pos += CHUNK
+            idx = chunk.find(GZIP_MAGIC, idx + 1)
+        pos += want
+    return None
 
 
-def gzip_records(raw: BinaryIO, max_record: int, max_member: int) -> Iterator[Framed]:
-    """Records from a WARC.gz, member by member (``raw`` must be seekable for resynchronisation)."""
+def gzip_records(raw: BinaryIO, max_record: int, max_member: int, start: int = 0, end: int | None = None,
+                 missed: Callable[[int], None] | None = None) -> Iterator[Framed]:
+    """Records from a WARC.gz, member by member (``raw`` must be seekable for resynchronisation).
+
+    With a range, reading starts at ``start`` (a member start: the planner checked it with
+    ``starts_a_member``) and takes every member that *starts* before ``end``, damaged ones included; the
+    member at ``end`` belongs to the next range. A member straddling ``end``, or a resynchronisation that
+    lands past it, means ``end`` was not on this file's chain of members (a gzip member stored verbatim
+    inside a record): ``missed`` is told where reading stopped instead."""
+    if start:
+        raw.seek(start)
     pending = b""
-    member_start = 0
+    member_start = start
     while True:
+        if end is not None and member_start >= end:
+            if member_start != end and missed is not None:
+                missed(member_start)
+            return
         data = pending or raw.read(CHUNK)
         if not data:
             return
@@ -206,7 +229,7 @@ def gzip_records(raw: BinaryIO, max_record: int, max_member: int) -> Iterator[Fr
             if not data:
                 break
         if corrupt:
-            following = _next_member(raw, member_start + 1)
+            following = next_member(raw, member_start + 1)
             tail = b"" if following is not None else _tail(raw, member_start)
             if following is not None or tail.strip(b"\x00"):
                 yield Framed(member_start, damage="corrupt_gzip_member")

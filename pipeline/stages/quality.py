@@ -128,11 +128,13 @@ class QualityScoreStage(MapStage):
         ledger = Ledger()
         started = time.perf_counter()
         pf = pq.ParquetFile(self.input_stage.output_path(run_dir, unit))
-        sources: list[str] = []
-        all_scores: list[np.ndarray] = []
+        all_scores: list[np.ndarray] = []  # 4 bytes a document, for the histogram and the result
         errors: dict[str, int] = defaultdict(int)
+        # Both outputs are written batch by batch: the unit is never held whole.
         with atomic_path(self.output_path(run_dir, unit)) as tmp, \
-                pq.ParquetWriter(tmp, DOC_SCHEMA, compression="zstd") as writer:
+                pq.ParquetWriter(tmp, DOC_SCHEMA, compression="zstd") as writer, \
+                atomic_path(self.scores_path(run_dir, unit)) as scores_tmp, \
+                pa.OSFile(str(scores_tmp), "wb") as sink, pa.ipc.new_file(sink, SCORES_SCHEMA) as scores_out:
             meta_index = DOC_SCHEMA.get_field_index("metadata")
             for batch in pf.iter_batches(batch_size=self.cfg.batch_size):
                 n = batch.num_rows
@@ -154,15 +156,11 @@ class QualityScoreStage(MapStage):
                     columns[meta_index] = pa.array(metas, pa.string())
                     batch = pa.RecordBatch.from_arrays(columns, schema=DOC_SCHEMA)
                 writer.write_batch(batch)
-                sources.extend(batch.column("source").to_pylist())
+                scores_out.write_batch(pa.RecordBatch.from_arrays(
+                    [batch.column("source"), pa.array(scores, pa.float32(), mask=np.isnan(scores))],
+                    schema=SCORES_SCHEMA))
                 all_scores.append(scores)
         scores = np.concatenate(all_scores) if all_scores else np.zeros(0, np.float32)
-        table = pa.table({"source": pa.array(sources, pa.string()), "score": pa.array(scores, pa.float32(),
-                                                                                        mask=np.isnan(scores))},
-                         schema=SCORES_SCHEMA)
-        with atomic_path(self.scores_path(run_dir, unit)) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
-                pa.ipc.new_file(sink, SCORES_SCHEMA) as out:
-            out.write_table(table)
         ledger.add_seconds(STAGE, unit.source, time.perf_counter() - started)
         valid = scores[~np.isnan(scores)]
         return {"ledger": ledger.to_json(), "documents": len(scores), "scored": int(valid.size),
@@ -296,27 +294,39 @@ class QualitySelectStage(MapStage):
         policy = self.cfg.policy_for(unit.source, self.kinds[unit.source])
         ledger = Ledger()
         started = time.perf_counter()
-        table = pq.read_table(self.score_stage.output_path(run_dir, unit))
+        pf = pq.ParquetFile(self.score_stage.output_path(run_dir, unit))
         scores_table = pa.ipc.open_file(pa.memory_map(str(self.score_stage.scores_path(run_dir, unit)))).read_all()
         scores = scores_table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        ids = table.column("id").to_pylist()
-        nbytes = pc.binary_length(table.column("text")).to_pylist()     # UTF-8 bytes, no Python strings
-        keep = self._decide(policy, unit.source, scores, ids)
-        unscored = np.isnan(scores) & (policy.mode != "exempt")
-        for i, (source, kind) in enumerate(zip(table.column("source").to_pylist(),
-                                               table.column("source_kind").to_pylist())):
-            ledger.took(STAGE, source, kind, 1, nbytes[i])
-            if unscored[i]:
-                ledger.errored(STAGE, source, kind, "quality_score_failed", 1, nbytes[i])
-            elif keep[i]:
-                ledger.kept(STAGE, source, kind, 1, nbytes[i])
-            else:
-                ledger.dropped(STAGE, source, kind, DROP_REASONS[policy.mode], 1, nbytes[i])
-        kept = keep & ~unscored
-        with atomic_path(self.output_path(run_dir, unit)) as tmp:
-            pq.write_table(table.filter(pa.array(kept)), tmp, compression="zstd")
+        done = kept_total = 0
+        # Decided and written batch by batch (every policy decides each document alone: a threshold, the
+        # run's percentile threshold, or a Pareto draw from its id): the unit is never held whole.
+        with atomic_path(self.output_path(run_dir, unit)) as tmp, \
+                pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd") as writer:
+            for batch in pf.iter_batches(batch_size=self.cfg.batch_size):
+                n = batch.num_rows
+                part = scores[done:done + n]
+                done += n
+                ids = batch.column("id").to_pylist()
+                nbytes = pc.binary_length(batch.column("text")).to_pylist()     # UTF-8 bytes, no Python strings
+                keep = self._decide(policy, unit.source, part, ids)
+                unscored = np.isnan(part) & (policy.mode != "exempt")
+                for i, (source, kind) in enumerate(zip(batch.column("source").to_pylist(),
+                                                       batch.column("source_kind").to_pylist())):
+                    ledger.took(STAGE, source, kind, 1, nbytes[i])
+                    if unscored[i]:
+                        ledger.errored(STAGE, source, kind, "quality_score_failed", 1, nbytes[i])
+                    elif keep[i]:
+                        ledger.kept(STAGE, source, kind, 1, nbytes[i])
+                    else:
+                        ledger.dropped(STAGE, source, kind, DROP_REASONS[policy.mode], 1, nbytes[i])
+                kept = keep & ~unscored
+                kept_total += int(kept.sum())
+                if kept.any():
+                    writer.write_batch(batch.filter(pa.array(kept)))
+            if done != len(scores):
+                raise ValueError(f"{unit.id}: {done} documents but {len(scores)} scores")
         ledger.add_seconds(STAGE, unit.source, time.perf_counter() - started)
-        return {"ledger": ledger.to_json(), "documents": len(ids), "kept": int(kept.sum())}
+        return {"ledger": ledger.to_json(), "documents": done, "kept": kept_total}
 
     def _decide(self, policy, source: str, scores: np.ndarray, ids: list[str]) -> np.ndarray:
         n = len(ids)
