@@ -210,8 +210,8 @@ class PipelineRun:
                                f"--output directory")
             if previous.get("plan_fingerprint") != plan:
                 raise RunError(
-                    f"the input files changed since {self.run_dir} was started (plan {previous.get('plan_fingerprint')}"
-                    f" != {plan}); use a new --output directory")
+                    f"the input files, or how they are cut into units, changed since {self.run_dir} was started (plan "
+                    f"{previous.get('plan_fingerprint')} != {plan}); use a new --output directory")
         else:
             write_json(run_info, {"config_fingerprint": fingerprint, "plan_fingerprint": plan,
                                   "units": len(self.units), "quality_models": self.model_digests,

@@ -274,6 +274,10 @@ def run_graph(run_dir: Path, units: list[Unit], cfg: DedupConfig, log=None, docu
         band_files += [str(p.with_name(p.name[: -len(".arrow")] + ".bands.arrow")) for p in sig_files]
         transforms += [IndexRunBands(r)] * len(sig_files)
     steps = GraphSteps(out / "graph", run_dir, graph_memory(cfg, documents), log)
+    import ray
+
+    # One copy of the signature file list (O(units)) in the object store, not one per task's arguments.
+    runs_ref = ray.put(runs)
     g = steps.dir
 
     def parts(step: str) -> list[str]:
@@ -282,7 +286,7 @@ def run_graph(run_dir: Path, units: list[Unit], cfg: DedupConfig, log=None, docu
     bands, band_transforms = steps.shuffled("bands", band_files, P, F, transforms)
     edges, nodes = parts("candidates"), [str(g / "candidates" / f"nodes-{k:05d}.arrow") for k in range(P)]
     found = steps.run("candidates", "candidates",
-                      [(candidates_step, (k, bands, band_transforms, runs, P, cfg.threshold, cfg.verify, edges[k],
+                      [(candidates_step, (k, bands, band_transforms, runs_ref, P, cfg.threshold, cfg.verify, edges[k],
                                           nodes[k], root, F)) for k in range(P)])
     steps.remove_data("bands")
     stats = Counter()
@@ -325,7 +329,7 @@ def run_graph(run_dir: Path, units: list[Unit], cfg: DedupConfig, log=None, docu
     unit_count, R = len(ordered), removal_parts(cfg, len(ordered))
     label_inputs, _ = steps.shuffled("keepers-in", labelled, P, F)
     outcomes = steps.run("keepers", "keepers",
-                         [(keepers_step, (k, label_inputs, runs, str(out), unit_count, R, root, F)) for k in range(P)])
+                         [(keepers_step, (k, label_inputs, runs_ref, str(out), unit_count, R, root, F)) for k in range(P)])
     removal_inputs, _ = steps.shuffled("removals-in", parts("keepers"), R, F)
     steps.run("removals", "merge",
               [(collect_removals_step, (r, removal_inputs, str(out / "removals" / f"part-{r:05d}.arrow"), root))
