@@ -2,8 +2,8 @@
 
 The pipeline (crawl_filter -> dedup, or the whole run with ``--full``) on a real local Ray, over N small
 real units: the demo corpus' books cut into 4,000-character documents, two per JSONL file, one file per
-unit, replicated under distinct ids (each replica a near-duplicate: its own first line) until N files
-exist. For each case, measured in a fresh driver process:
+unit, replicated under distinct ids (``build_units``: each document five times, four near-duplicates to
+remove, at every size). For each case, measured in a fresh driver process:
 
 * driver peak RSS (sampled every 0.2 s from /proc/self/status, and VmHWM at the end);
 * the most object references the driver held at once (Ray's reference table of the driver process —
@@ -15,7 +15,7 @@ exist. For each case, measured in a fresh driver process:
 
     .venv/bin/python bench/scale.py --units 1000 5000 20000 --partitions 64
     .venv/bin/python bench/scale.py --units 1000 --partitions 64 256 1024
-    .venv/bin/python bench/scale.py --units 1000 --partitions 64 256 --baseline-rev ebb41a1  # the old graph too
+    .venv/bin/python bench/scale.py --units 1000 --partitions 64 256 1024 --baseline-rev ebb41a1  # old graph too
 
 ``--baseline-rev`` runs the same cases with the project at that git revision (a temporary worktree), side
 by side. Results: ``--json`` (default bench/results/scale.json).
@@ -55,17 +55,23 @@ def book_chunks() -> list[str]:
     return chunks
 
 
-def build_units(directory: Path, units: int, chunks: list[str] | None = None) -> Path:
-    """``units`` JSONL files of DOCS_PER_UNIT documents each; beyond the pool, replicas with a distinct id
-    and their own first line (near-duplicates of the original)."""
+def build_units(directory: Path, units: int, chunks: list[str] | None = None, copies: int = 5) -> Path:
+    """``units`` JSONL files of DOCS_PER_UNIT documents each, every document present ``copies`` times
+    (the first as is, the others near-duplicates: their own first line), so the share of duplicates is
+    the same at every size. Beyond the pool of passages, a document joins the first half of one passage
+    to the second half of another (Jaccard ~1/3 with either: a distinct document)."""
     chunks = chunks if chunks is not None else book_chunks()
     directory.mkdir(parents=True, exist_ok=True)
+    half = DOC_CHARS // 2
     for u in range(units):
         lines = []
         for d in range(DOCS_PER_UNIT):
             n = u * DOCS_PER_UNIT + d
-            copy, base = divmod(n, len(chunks))
-            text = chunks[base] if copy == 0 else f"Replica {copy} of passage {base}.\n{chunks[base]}"
+            group, copy = divmod(n, copies)
+            wrap, base = divmod(group, len(chunks))
+            text = chunks[base] if wrap == 0 else chunks[base][:half] + chunks[(base + 7919 * wrap) % len(chunks)][half:]
+            if copy:
+                text = f"Replica {copy} of passage {group}.\n{text}"
             lines.append(json.dumps({"id": f"doc-{n:08d}", "text": text}))
         (directory / f"unit-{u:06d}.jsonl").write_text("\n".join(lines) + "\n")
     return directory
@@ -187,6 +193,8 @@ def main() -> None:
     parser.add_argument("--fan-in", type=int, default=64)
     parser.add_argument("--full", action="store_true", help="the whole run (tokenize and shards), not until dedup")
     parser.add_argument("--baseline-rev", help="also run each case with the project at this git revision")
+    parser.add_argument("--baseline-max-partitions", type=int, default=256,
+                        help="the baseline only up to this many partitions (its graph grows with P^2)")
     parser.add_argument("--json", default=str(ROOT / "bench/results/scale.json"))
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -208,7 +216,9 @@ def main() -> None:
         for units in args.units:
             data = build_units(work / f"in-{units}", units, chunks)
             for partitions in args.partitions:
-                projects = [("ours", ROOT)] + ([("baseline", baseline)] if baseline else [])
+                projects = [("ours", ROOT)]
+                if baseline and partitions <= args.baseline_max_partitions:
+                    projects.append(("baseline", baseline))
                 for label, project in projects:
                     row = case(project, data, work, units, partitions, args.fan_in, args.full, label)
                     rows.append(row)

@@ -26,7 +26,7 @@ def test_a_thousand_units_hold_bounded_maps_and_driver_objects(tmp_path):
     from pipeline.realdata import FetchError
 
     try:
-        chunks = book_chunks()[:400]          # 2,000 documents: each passage 5 times (4 near-duplicates)
+        chunks = book_chunks()[:300]          # 2,000 documents: 400 texts, each 5 times (4 near-duplicates)
     except FetchError as exc:
         real_data_unavailable(str(exc))
     data = build_units(tmp_path / "in", UNITS, chunks)

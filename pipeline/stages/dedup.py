@@ -155,7 +155,9 @@ class DedupSignatureStage(MapStage):
 # ------------------------------------------------------------------------------------ phase 2
 def _graph_task(fn, marker: str, *args) -> dict[str, Any]:
     """One graph task: its files, then its marker (a rerun skips it)."""
+    started = time.perf_counter()
     result = fn(*args)
+    result["seconds"] = round(time.perf_counter() - started, 4)
     write_json(Path(marker), result)
     return result
 
@@ -170,6 +172,7 @@ class GraphSteps:
         self.memory = memory
         self.log = log
         self.tasks = self.resumed = 0
+        self.busy_seconds = 0.0
         self.max_maps = self.max_open_files = self.max_driver_refs = 0
         self._node_memory: int | None = None
 
@@ -197,6 +200,7 @@ class GraphSteps:
             del done, refs
         self.tasks += len(calls)
         for r in results:
+            self.busy_seconds += r.get("seconds", 0.0)
             self.max_maps = max(self.max_maps, r.get("max_maps", 0))
             self.max_open_files = max(self.max_open_files, r.get("max_open_files", 0))
         return results  # type: ignore[return-value]
@@ -347,6 +351,7 @@ def run_graph(run_dir: Path, units: list[Unit], cfg: DedupConfig, log=None, docu
                "shuffle": {"fan_in": F, "partitions": P, "removal_files": R,
                            "band_merge_levels": len(merge_plan(len(band_files), F)) - 1,
                            "tasks": steps.tasks, "resumed_tasks": steps.resumed,
+                           "task_seconds": round(steps.busy_seconds, 3),
                            "max_driver_refs": steps.max_driver_refs, "max_maps_per_task": steps.max_maps,
                            "max_open_files_per_task": steps.max_open_files,
                            "max_signature_files_opened": max([o.get("signature_files_opened", 0)
