@@ -48,10 +48,11 @@ from pipeline.stages.quality import (
     quality_summary,
 )
 from pipeline.stages.tokenize import TokenizeStage
-from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer
+from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer, train_sample
 
 log = logging.getLogger("pipeline")
 STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "dedup", "tokenize"]
+TOKENIZER_TRAIN_CPUS = 8   # BPE training's threads at most
 
 
 class RunError(RuntimeError):
@@ -386,7 +387,7 @@ class PipelineRun:
                 tokenizer = prepare_tokenizer(
                     self.run_dir, tok_cfg.tokenizer, tok_cfg.eos_token, tok_cfg.train.vocab_size,
                     tok_cfg.train.min_frequency, int(tok_cfg.train.sample_mb * 1024 * 1024),
-                    [last.output_path(self.run_dir, u) for u in self.units])
+                    [last.output_path(self.run_dir, u) for u in self.units], train=self._train_tokenizer)
                 score_key = self.config.quality.score_key if self.config.quality.enabled else None
                 tokenize = TokenizeStage(last, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size, score_key)
                 tok_results, shards = self._tokenize(tokenize, tokenizer)
@@ -451,6 +452,21 @@ class PipelineRun:
         return apply, self.map_stage(apply), summary
 
     # ----------------------------------------------------------------- tokenize
+    def _train_tokenizer(self, *args: Any) -> str:
+        """``prepare_tokenizer``'s training (sampling and BPE) in one Ray task rather than in the driver, with
+        the threads of up to ``TOKENIZER_TRAIN_CPUS`` CPUs of one node (the result does not depend on them)."""
+        import ray
+
+        per_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+        cpus = max(1, min(per_node, TOKENIZER_TRAIN_CPUS))
+        env = {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(cpus)}
+        task = ray.remote(train_sample).options(num_cpus=cpus, max_retries=self.config.run.max_task_retries,
+                                                runtime_env={"env_vars": env})
+        started = time.perf_counter()
+        result = ray.get(task.remote(*args))
+        self.wall_seconds["tokenizer_training"] = round(time.perf_counter() - started, 3)
+        return result
+
     def _tokenize(self, tokenize: TokenizeStage, tokenizer: TokenizerInfo) -> tuple[dict, list[ShardInfo]]:
         """Tokenize each unit into its token file, plan the shards, pack them (``pipeline/stages/pack.py``).
 
