@@ -11,7 +11,8 @@ per (shard, unit) it touches, O(shards + units), and is written atomically (``st
 
 A **pack task** per shard (a map stage whose units are the shards) copies its pieces into
 ``shards/shard-<i:06d>.arrow`` with ``pipeline.shards.pack_shard``; its marker lists the shard (path, bytes,
-sha256), so a resume skips finished shards and redoes missing or changed ones.
+sha256) and the pieces it was packed from, so a resume skips finished shards of the same plan and redoes
+missing or changed ones.
 """
 
 from __future__ import annotations
@@ -104,14 +105,8 @@ def load_plan(run_dir: Path) -> dict[str, Any] | None:
 
 
 def save_plan(run_dir: Path, plan: dict[str, Any]) -> None:
-    """Write the plan; when it differs from the stored one, every pack marker (of the old plan) goes first."""
-    previous = load_plan(run_dir)
-    if previous is not None and previous == plan:
-        return
-    directory = plan_path(run_dir).parent
-    for marker in directory.glob("*.done.json"):
-        marker.unlink()
-    write_json(plan_path(run_dir), plan)
+    if load_plan(run_dir) != plan:
+        write_json(plan_path(run_dir), plan)
 
 
 class PackStage(MapStage):
