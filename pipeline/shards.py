@@ -15,6 +15,10 @@ Schema metadata carries ``jamba.format_version``, ``jamba.vocab_size``, ``jamba.
 ``jamba.tokenizer_fingerprint``. Files are written under a temporary name and renamed, and carry no
 timestamps, so the same input gives byte-identical shards. Opened with ``pyarrow.memory_map`` the token
 buffers are read without copying.
+
+The tokenize stage writes one file of this format per unit (``ShardWriter``); ``pack_shard`` copies row
+ranges of such files into a published shard ``shards/shard-<i:06d>.arrow`` (the plan: ``pipeline.stages.pack``).
+Both cut record batches by ``batch_ends`` into fresh buffers, so a file's bytes depend only on its rows.
 """
 
 from __future__ import annotations
