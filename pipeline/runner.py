@@ -48,10 +48,11 @@ from pipeline.stages.quality import (
     quality_summary,
 )
 from pipeline.stages.tokenize import TokenizeStage
-from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer
+from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer, train_sample
 
 log = logging.getLogger("pipeline")
 STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "dedup", "tokenize"]
+TOKENIZER_TRAIN_CPUS = 8   # BPE training's threads at most
 
 
 class RunError(RuntimeError):
@@ -81,6 +82,15 @@ def _execute_unit(stage: MapStage, unit: Unit, run_dir: str) -> dict[str, Any]:
                           "sha256": sha256_file(path)} for path in stage.unit_outputs(root, unit, result)]
     write_json(stage.marker_path(root, unit), result)
     return result
+
+
+def _packed(pack: Any, shard: Unit, run_dir: Path) -> bool:
+    """Whether a shard's pack marker exists, is of this plan, and its output is intact."""
+    marker = pack.marker_path(run_dir, shard)
+    if not marker.exists():
+        return False
+    result = read_json(marker)
+    return result.get("pieces") == pack.pieces[shard.id] and outputs_intact(run_dir, result)
 
 
 def outputs_intact(run_dir: Path, result: dict[str, Any]) -> bool:
@@ -239,15 +249,17 @@ class PipelineRun:
         return handler
 
     # ----------------------------------------------------------------- stages
-    def map_stage(self, stage: MapStage) -> dict[str, dict[str, Any]]:
-        """Run ``stage`` over every unit without a completion marker; return all units' results."""
+    def map_stage(self, stage: MapStage, units: list[Unit] | None = None) -> dict[str, dict[str, Any]]:
+        """Run ``stage`` over every unit (of ``units``, default the run's) without a completion marker whose
+        outputs are intact; return all those units' results."""
         import ray
         from tqdm import tqdm
 
+        units = self.units if units is None else units
         results: dict[str, dict[str, Any]] = {}
         todo: list[Unit] = []
         redone = 0
-        for unit in self.units:
+        for unit in units:
             marker = stage.marker_path(self.run_dir, unit)
             result = read_json(marker) if marker.exists() else None
             if result is not None and outputs_intact(self.run_dir, result):
@@ -315,7 +327,7 @@ class PipelineRun:
         failures: dict[str, str] = {}
         pending: dict[Any, Unit] = {}
         queue = list(reversed(todo))
-        bar = tqdm(total=len(self.units), initial=len(results), desc=f"{stage.name:>12}", unit="unit",
+        bar = tqdm(total=len(units), initial=len(results), desc=f"{stage.name:>12}", unit="unit",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         with bar:
             last_grow = time.monotonic()
@@ -377,12 +389,13 @@ class PipelineRun:
                 tokenizer = prepare_tokenizer(
                     self.run_dir, tok_cfg.tokenizer, tok_cfg.eos_token, tok_cfg.train.vocab_size,
                     tok_cfg.train.min_frequency, int(tok_cfg.train.sample_mb * 1024 * 1024),
-                    [last.output_path(self.run_dir, u) for u in self.units])
+                    [last.output_path(self.run_dir, u) for u in self.units], train=self._train_tokenizer)
                 score_key = self.config.quality.score_key if self.config.quality.enabled else None
                 tokenize = TokenizeStage(last, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size, score_key)
-                tok_results = self.map_stage(tokenize)
+                tok_results, shards = self._tokenize(tokenize, tokenizer)
                 report = self._publish([crawl_results, quality_results, dedup_results, tok_results], tokenizer,
-                                       time.perf_counter() - started, dedup_summary, quality_done)
+                                       time.perf_counter() - started, dedup_summary, quality_done, shards,
+                                       [tokenize.output_path(self.run_dir, u) for u in self.units])
             finally:
                 log.removeHandler(handler)
                 handler.close()
@@ -441,10 +454,82 @@ class PipelineRun:
         apply = DedupApplyStage(crawl, unit_index, removal_parts(cfg, len(self.units)))
         return apply, self.map_stage(apply), summary
 
+    # ----------------------------------------------------------------- tokenize
+    def _train_tokenizer(self, *args: Any) -> str:
+        """``prepare_tokenizer``'s training (sampling and BPE) in one Ray task rather than in the driver, with
+        the threads of up to ``TOKENIZER_TRAIN_CPUS`` CPUs of one node (the result does not depend on them)."""
+        import ray
+
+        per_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+        cpus = max(1, min(per_node, TOKENIZER_TRAIN_CPUS))
+        env = {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(cpus)}
+        task = ray.remote(train_sample).options(num_cpus=cpus, max_retries=self.config.run.max_task_retries,
+                                                runtime_env={"env_vars": env})
+        started = time.perf_counter()
+        result = ray.get(task.remote(*args))
+        self.wall_seconds["tokenizer_training"] = round(time.perf_counter() - started, 3)
+        return result
+
+    def _tokenize(self, tokenize: TokenizeStage, tokenizer: TokenizerInfo) -> tuple[dict, list[ShardInfo]]:
+        """Tokenize each unit into its token file, plan the shards, pack them (``pipeline/stages/pack.py``).
+
+        With a stored plan, only the units feeding a shard that is not packed intact are (re)tokenized: a
+        finished run's token files are deleted once it is published, and a rerun of it does no work."""
+        from pipeline.stages import pack as packing
+
+        run_dir = self.run_dir
+        by_id = {u.id: u for u in self.units}
+        plan = packing.load_plan(run_dir)
+        needed = set(by_id)
+        if plan is not None:
+            stored = packing.PackStage(tokenize, tokenizer, plan)
+            needed = {uid for shard in stored.shard_units() if not _packed(stored, shard, run_dir)
+                      for uid in stored.units_of(shard.id)}
+            needed |= {u.id for u in self.units if not tokenize.marker_path(run_dir, u).exists()}
+        todo = [u for u in self.units if u.id in needed]
+        if not todo:
+            log.info("stage tokenize: 0 units to run, %d already packed into intact shards", len(self.units))
+        results = self.map_stage(tokenize, todo) if todo else {}
+        outdated = [uid for uid, r in results.items() if "weight" not in r]   # markers of the per-unit shard layout
+        if outdated:
+            log.warning("stage tokenize: %d marker(s) of an older layout; redoing those units", len(outdated))
+            for uid in outdated:
+                tokenize.marker_path(run_dir, by_id[uid]).unlink()
+            results.update(self.map_stage(tokenize, [by_id[uid] for uid in outdated]))
+        self.resumed[tokenize.name] = len(self.units) - len(todo) + self.resumed.get(tokenize.name, 0)
+        for unit in self.units:
+            if unit.id not in results:
+                results[unit.id] = read_json(tokenize.marker_path(run_dir, unit))
+        table = [[u.id, results[u.id]["rows"], results[u.id]["weight"]] for u in self.units]
+        itemsize = packing.itemsize_of(tokenizer)
+        fresh = plan is None or plan["units"] != sorted(table) or plan["target_bytes"] != tokenize.target_bytes \
+            or plan["itemsize"] != itemsize
+        if fresh:
+            if plan is not None:
+                log.warning("stage pack: the stored plan does not match the tokenized units; planning again")
+                if len(todo) < len(self.units):   # every token file must exist to plan
+                    results.update(self.map_stage(tokenize))
+            started = time.perf_counter()
+            plan = packing.make_plan(
+                table, tokenize.target_bytes, itemsize,
+                lambda uid: packing.read_num_tokens(tokenize.output_path(run_dir, by_id[uid])))
+            packing.save_plan(run_dir, plan)
+            self.wall_seconds["pack_plan"] = round(time.perf_counter() - started, 3)
+        pack = packing.PackStage(tokenize, tokenizer, plan)
+        for shard in pack.shard_units():   # a marker of another plan is no marker of this one
+            marker = pack.marker_path(run_dir, shard)
+            if marker.exists() and read_json(marker).get("pieces") != pack.pieces[shard.id]:
+                marker.unlink()
+        packed = self.map_stage(pack, pack.shard_units())
+        return results, [ShardInfo(**packed[name]["shard"]) for name in pack.order]
+
     # ----------------------------------------------------------------- outputs
     def _publish(self, stage_results: list[dict], tokenizer: TokenizerInfo, seconds: float,
-                 dedup_summary: dict | None, quality_done: Any = None) -> RunReport:
-        tok_results = stage_results[-1]
+                 dedup_summary: dict | None, quality_done: Any = None, shards: list[ShardInfo] | None = None,
+                 consumed: list[Path] | None = None) -> RunReport:
+        """Stats, then the manifest of ``shards`` if the accounting holds; then the token files the shards
+        were packed from (``consumed``) are deleted."""
+        shards = shards or []
         ledger = Ledger()
         for results in stage_results:
             for unit in self.units:
@@ -460,13 +545,18 @@ class PipelineRun:
                                                stats, models)
         if dedup_summary is not None:
             stats["dedup"] = dedup_summary
-        shards = [ShardInfo(**s) for unit in self.units for s in tok_results[unit.id]["shards"]]
         kinds = {s.name: s.kind for s in self.config.sources}
         manifest = Manifest(format_version=FORMAT_VERSION, config_fingerprint=self.config.fingerprint(),
                             tokenizer=tokenizer.to_json(), shards=shards, totals=build_totals(shards, kinds))
         for source in self.config.sources:
             manifest.totals.setdefault(source.name, {"kind": source.kind, "rows": 0, "tokens": 0})
+        for source, total in manifest.totals.items():   # the shards hold exactly what tokenize kept
+            kept = stats["stages"].get("tokenize", {}).get(source, {}).get("kept", 0)
+            if total["rows"] != kept:
+                stats["invariant_ok"] = False
+                stats["violations"].append(f"shards: {source}: {total['rows']} rows, tokenize kept {kept}")
         stats["units"] = len(self.units)
+        stats["shards"] = len(shards)
         stats["resumed_units"] = self.resumed
         stats["wall_seconds"] = self.wall_seconds          # this invocation's work (resumed stages: absent)
         stats["tokens"] = manifest.total_tokens
@@ -480,6 +570,8 @@ class PipelineRun:
         for stray in (self.run_dir / SHARD_DIR).glob("*.arrow"):
             if stray.name not in listed:  # a shard of an older, different run layout can't be valid here
                 stray.unlink()
+        for path in consumed or ():   # packed into the published shards; a rerun needs them no more
+            path.unlink(missing_ok=True)
         log.info("run complete: %d shards, %d tokens", len(shards), manifest.total_tokens)
         return RunReport(self.run_dir, stats, manifest, seconds, len(self.units), self.resumed)
 

@@ -15,6 +15,10 @@ Schema metadata carries ``jamba.format_version``, ``jamba.vocab_size``, ``jamba.
 ``jamba.tokenizer_fingerprint``. Files are written under a temporary name and renamed, and carry no
 timestamps, so the same input gives byte-identical shards. Opened with ``pyarrow.memory_map`` the token
 buffers are read without copying.
+
+The tokenize stage writes one file of this format per unit (``ShardWriter``); ``pack_shard`` copies row
+ranges of such files into a published shard ``shards/shard-<i:06d>.arrow`` (the plan: ``pipeline.stages.pack``).
+Both cut record batches by ``batch_ends`` into fresh buffers, so a file's bytes depend only on its rows.
 """
 
 from __future__ import annotations
@@ -78,41 +82,101 @@ def _nullable_scores(scores: Sequence[float | None]) -> pa.Array:
     return pa.array(values, pa.float32(), mask=np.isnan(values))   # not scored: null, never NaN
 
 
+BATCH_ROWS = 4096          # rows per record batch at most
+BATCH_BYTES = 64 << 20     # token bytes per record batch: a batch ends at the row that reaches this
+
+
+def batch_ends(sizes: np.ndarray, rows: int, nbytes: int, batch_rows: int, batch_bytes: int) -> int:
+    """How many of the rows with token bytes ``sizes`` join a pending batch of ``rows`` rows and ``nbytes``
+    token bytes before it is complete (at ``batch_rows`` rows, or at the row that brings it to
+    ``batch_bytes``); all of them if it stays incomplete. The one rule both writers batch by, so a batch's
+    boundaries depend only on the sequence of rows."""
+    room = min(batch_rows - rows, len(sizes))
+    cumulative = nbytes + np.cumsum(sizes[:room], dtype=np.int64)
+    reach = int(np.searchsorted(cumulative, batch_bytes, side="left"))
+    return min(room, reach + 1)
+
+
+class _ShardFile:
+    """One shard file being written: to a temporary name in its directory, renamed onto ``final`` on close."""
+
+    def __init__(self, final: Path, schema: pa.Schema):
+        self.final = final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        self.writer: pa.ipc.RecordBatchFileWriter | None = pa.ipc.new_file(self.tmp, schema)
+        self.rows = self.tokens = self.bytes = 0
+        self.sources: dict[str, dict[str, int]] = {}
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        assert self.writer is not None
+        self.writer.write_batch(batch)
+        lengths = batch.column("num_tokens").to_numpy(zero_copy_only=False)
+        self.bytes += batch.nbytes
+        self.rows += batch.num_rows
+        self.tokens += int(lengths.sum())
+        for source, n in zip(batch.column("source").to_pylist(), lengths.tolist()):
+            entry = self.sources.setdefault(source, {"rows": 0, "tokens": 0})
+            entry["rows"] += 1
+            entry["tokens"] += n
+
+    def close(self, run_dir: Path) -> ShardInfo:
+        assert self.writer is not None
+        self.writer.close()
+        self.writer = None
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.final)
+        return ShardInfo(path=self.final.relative_to(run_dir).as_posix(), rows=self.rows, tokens=self.tokens,
+                         bytes=self.final.stat().st_size, sha256=sha256_file(self.final), sources=self.sources)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.writer = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
 class ShardWriter:
     """Append tokenized documents; rolls over to a new shard file past ``target_bytes``.
 
-    Files are named ``<prefix>-<part:04d>.arrow`` under ``directory``; each is written to a temporary
-    name and renamed when complete.
+    Files are named ``<prefix>-<part:04d>.arrow`` under ``run_dir/directory`` (``<prefix>.arrow``, one
+    file, when ``target_bytes`` is None); each is written to a temporary name and renamed when complete.
     """
 
     def __init__(self, run_dir: Path | str, prefix: str, vocab_size: int, eos_id: int,
-                 tokenizer_fingerprint: str, target_bytes: int, batch_rows: int = 4096):
+                 tokenizer_fingerprint: str, target_bytes: int | None, batch_rows: int = BATCH_ROWS,
+                 directory: str = SHARD_DIR, batch_bytes: int = BATCH_BYTES):
         self.run_dir = Path(run_dir)
-        self.directory = self.run_dir / SHARD_DIR
+        self.directory = self.run_dir / directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.schema = shard_schema(vocab_size, eos_id, tokenizer_fingerprint)
         self.dtype = token_dtype(vocab_size)
         self.target_bytes = target_bytes
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
         self.shards: list[ShardInfo] = []
         self._part = 0
-        self._writer: pa.ipc.RecordBatchFileWriter | None = None
-        self._tmp: str | None = None
-        self._bytes = self._rows = self._tokens = 0
-        self._sources: dict[str, dict[str, int]] = {}
+        self._file: _ShardFile | None = None
         self._pending: list[tuple[str, str, str, np.ndarray, float | None]] = []
+        self._pending_bytes = 0
 
     def add(self, doc_id: str, source: str, kind: str, tokens: np.ndarray, quality_score: float | None = None) -> None:
-        self._pending.append((doc_id, source, kind, np.asarray(tokens, dtype=self.dtype), quality_score))
-        if len(self._pending) >= self.batch_rows:
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        self._pending.append((doc_id, source, kind, tokens, quality_score))
+        self._pending_bytes += tokens.nbytes
+        if len(self._pending) >= self.batch_rows or self._pending_bytes >= self.batch_bytes:
             self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
             return
         ids, sources, kinds, arrays, scores = zip(*self._pending)
-        self._pending = []
+        self._pending, self._pending_bytes = [], 0
         lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
         offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
@@ -121,41 +185,19 @@ class ShardWriter:
         batch = pa.RecordBatch.from_arrays(
             [pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(kinds, pa.string()),
              pa.array(lengths), tokens, _nullable_scores(scores)], schema=self.schema)
-        if self._writer is None:
-            self._open()
-        assert self._writer is not None
-        self._writer.write_batch(batch)
-        self._bytes += batch.nbytes
-        self._rows += batch.num_rows
-        self._tokens += int(lengths.sum())
-        for source, n in zip(sources, lengths):
-            entry = self._sources.setdefault(source, {"rows": 0, "tokens": 0})
-            entry["rows"] += 1
-            entry["tokens"] += int(n)
-        if self._bytes >= self.target_bytes:
+        if self._file is None:
+            name = self.prefix if self.target_bytes is None else f"{self.prefix}-{self._part:04d}"
+            self._file = _ShardFile(self.directory / f"{name}{SHARD_SUFFIX}", self.schema)
+        self._file.write(batch)
+        if self.target_bytes is not None and self._file.bytes >= self.target_bytes:
             self._close_current()
 
-    def _open(self) -> None:
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.prefix}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        self._writer = pa.ipc.new_file(self._tmp, self.schema)
-
     def _close_current(self) -> None:
-        if self._writer is None:
+        if self._file is None:
             return
-        self._writer.close()
-        assert self._tmp is not None
-        final = self.directory / f"{self.prefix}-{self._part:04d}{SHARD_SUFFIX}"
-        with open(self._tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self._tmp, final)
-        self.shards.append(ShardInfo(
-            path=f"{SHARD_DIR}/{final.name}", rows=self._rows, tokens=self._tokens,
-            bytes=final.stat().st_size, sha256=sha256_file(final), sources=self._sources))
-        self._writer, self._tmp = None, None
+        self.shards.append(self._file.close(self.run_dir))
+        self._file = None
         self._part += 1
-        self._bytes = self._rows = self._tokens = 0
-        self._sources = {}
 
     def close(self) -> list[ShardInfo]:
         self._flush()
@@ -163,13 +205,55 @@ class ShardWriter:
         return self.shards
 
     def abort(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                self._writer.close()
-        if self._tmp:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._tmp)
-        self._writer, self._tmp = None, None
+        if self._file is not None:
+            self._file.abort()
+        self._file = None
+
+
+def pack_shard(run_dir: Path | str, pieces: Sequence[tuple[Path | str, int, int]], path: str, schema: pa.Schema,
+               batch_rows: int = BATCH_ROWS, batch_bytes: int = BATCH_BYTES) -> ShardInfo:
+    """Write the shard ``run_dir/path`` from row ranges ``[start, stop)`` of token files of this format, in
+    order. One source file is mapped at a time; rows are re-batched by ``batch_ends`` and copied into fresh
+    buffers, so the file's bytes depend only on the rows it holds (not on how its sources were batched)."""
+    run_dir = Path(run_dir)
+    itemsize = token_dtype(int(schema.metadata[f"{_META_PREFIX}vocab_size".encode()])).itemsize
+    out = _ShardFile(run_dir / path, schema)
+    pending: list[pa.RecordBatch] = []
+    rows = nbytes = 0
+    try:
+        for source, start, stop in pieces:
+            with ShardReader(source) as reader:
+                if not reader.schema.equals(schema, check_metadata=True):
+                    raise ValueError(f"{source}: schema or tokenizer differs from the shard being packed")
+                first = 0
+                for batch in reader.batches():
+                    lo, hi = max(start - first, 0), min(stop - first, batch.num_rows)
+                    first += batch.num_rows
+                    if lo < hi:
+                        part = batch.slice(lo, hi - lo)
+                        sizes = part.column("num_tokens").to_numpy(zero_copy_only=False).astype(np.int64) * itemsize
+                        i = 0
+                        while i < part.num_rows:
+                            take = batch_ends(sizes[i:], rows, nbytes, batch_rows, batch_bytes)
+                            pending.append(part.slice(i, take))
+                            rows += take
+                            nbytes += int(sizes[i:i + take].sum())
+                            i += take
+                            if rows >= batch_rows or nbytes >= batch_bytes:
+                                out.write(pa.concat_batches(pending))
+                                pending, rows, nbytes = [], 0, 0
+                    if first >= stop:
+                        break
+                if first < stop:
+                    raise ValueError(f"{source}: {first} rows, the plan needs rows up to {stop}")
+                if pending:  # own the pending rows before the mapping closes
+                    pending = [pa.concat_batches(pending)]
+        if pending:
+            out.write(pa.concat_batches(pending))
+        return out.close(run_dir)
+    except BaseException:
+        out.abort()
+        raise
 
 
 class ShardReader:
@@ -179,6 +263,7 @@ class ShardReader:
         self.path = Path(path)
         self._source = pa.memory_map(str(self.path), "r")
         self._reader = pa.ipc.open_file(self._source)
+        self.schema = self._reader.schema
         meta = {k.decode(): v.decode() for k, v in (self._reader.schema.metadata or {}).items()}
         self.metadata = {k[len(_META_PREFIX):]: v for k, v in meta.items() if k.startswith(_META_PREFIX)}
         self.format_version = int(self.metadata.get("format_version", -1))
@@ -194,6 +279,12 @@ class ShardReader:
     @property
     def num_rows(self) -> int:
         return sum(self._reader.get_batch(i).num_rows for i in range(self.num_batches))
+
+    def num_tokens(self) -> np.ndarray:
+        """Every row's ``num_tokens`` (a small column: the token lists are not touched)."""
+        parts = [self._reader.get_batch(i).column("num_tokens").to_numpy(zero_copy_only=False)
+                 for i in range(self.num_batches)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         for i in range(self.num_batches):

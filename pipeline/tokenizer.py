@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,27 +64,55 @@ def train_bpe(texts: Iterable[str], vocab_size: int, eos_token: str, min_frequen
     return tokenizer
 
 
-def sample_texts(parquet_files: list[Path], sample_bytes: int) -> Iterator[str]:
-    """A deterministic sample: an equal byte budget per unit file, documents in file order."""
+SAMPLE_SPREAD = 64        # the sample is spread over at least this many units (when there are that many)
+SAMPLE_MAX_FILES = 512    # and never opens more files than this, however small or empty the units are
+
+
+def sample_order(parquet_files: Iterable[Path]) -> list[Path]:
+    """Units in the order of a hash of their id (the file's stem): a fixed, well-mixed order that does not
+    depend on how the files were listed."""
+    return sorted(parquet_files, key=lambda p: (hashlib.sha256(p.stem.encode()).hexdigest(), p.name))
+
+
+def sample_texts(parquet_files: list[Path], sample_bytes: int, spread: int = SAMPLE_SPREAD,
+                 max_files: int = SAMPLE_MAX_FILES) -> Iterator[str]:
+    """A deterministic sample of about ``sample_bytes`` characters: units taken in ``sample_order`` until the
+    budget is met, each giving at most ``sample_bytes / min(units, spread)`` (documents in file order).
+
+    The files opened are bounded by the budget (about ``spread`` when units hold more than their share,
+    ``budget / unit size`` when they hold less) and by ``max_files``, never by the number of units."""
     files = [p for p in parquet_files if p.exists()]
-    if not files:
+    if not files or sample_bytes <= 0:
         return
-    budget = max(1, sample_bytes // len(files))
-    for path in files:
+    cap = max(1, -(-sample_bytes // min(len(files), spread)))
+    total = 0
+    for path in sample_order(files)[:max_files]:
         taken = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=["text"]):
             for text in batch.column("text").to_pylist():
                 yield text
                 taken += len(text)
-                if taken >= budget:
+                total += len(text)
+                if taken >= cap or total >= sample_bytes:
                     break
-            if taken >= budget:
+            if taken >= cap or total >= sample_bytes:
                 break
+        if total >= sample_bytes:
+            return
+
+
+def train_sample(sample_files: list[Path], sample_bytes: int, vocab_size: int, eos_token: str,
+                 min_frequency: int) -> str:
+    """Sample and train: the tokenizer's JSON. The runner runs this in a Ray task, not in the driver."""
+    return train_bpe(sample_texts(sample_files, sample_bytes), vocab_size, eos_token, min_frequency).to_str()
 
 
 def prepare_tokenizer(run_dir: Path, tokenizer_path: str | None, eos_token: str, vocab_size: int,
-                      min_frequency: int, sample_bytes: int, sample_files: list[Path]) -> TokenizerInfo:
-    """The run's tokenizer, stored as ``run_dir/tokenizer/tokenizer.json``; reused as-is on resume."""
+                      min_frequency: int, sample_bytes: int, sample_files: list[Path],
+                      train: Callable[..., str] = train_sample) -> TokenizerInfo:
+    """The run's tokenizer, stored as ``run_dir/tokenizer/tokenizer.json``; reused as-is on resume.
+
+    ``train`` has ``train_sample``'s signature and result: the runner passes one that runs it in a Ray task."""
     target = run_dir / "tokenizer" / "tokenizer.json"
     info_path = run_dir / "tokenizer" / "info.json"
     if target.exists() and info_path.exists():
@@ -95,7 +123,7 @@ def prepare_tokenizer(run_dir: Path, tokenizer_path: str | None, eos_token: str,
             shutil.copyfile(tokenizer_path, tmp)
         trained = False
     else:
-        tokenizer = train_bpe(sample_texts(sample_files, sample_bytes), vocab_size, eos_token, min_frequency)
+        tokenizer = Tokenizer.from_str(train(sample_files, sample_bytes, vocab_size, eos_token, min_frequency))
         with atomic_path(target) as tmp:
             tokenizer.save(str(tmp))
         trained = True

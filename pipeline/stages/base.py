@@ -14,7 +14,8 @@ are built lazily on first use in each worker process and cached there, so a Ray 
 once, not once per unit.
 
 Global stages (MinHash dedup, percentile selection) follow the same outline in several map phases plus a
-decision table written once; see docs/architecture.md.
+decision table written once; pack (``pack.py``) is a map stage whose units are the output shards of a plan
+made once every unit is tokenized; see docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Final stage: tokenize kept documents (HF tokenizers, batched) into Arrow IPC shards, EOS appended."""
+"""Tokenize kept documents (HF tokenizers, batched), EOS appended, into one token file per unit
+(``stages/tokenize/<unit>.arrow``, the shard format); ``pipeline.stages.pack`` packs them into shards."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 
 from pipeline.document import metadata_scores
 from pipeline.ledger import Ledger
-from pipeline.shards import ShardWriter
+from pipeline.shards import SHARD_SUFFIX, ShardWriter
 from pipeline.sources.base import Unit
-from pipeline.stages.base import MapStage, worker_cached
+from pipeline.stages.base import STAGES_DIR, MapStage, worker_cached
+from pipeline.stages.pack import row_weight
 from pipeline.tokenizer import TokenizerInfo, load_tokenizer
 
 STAGE = "tokenize"
@@ -31,8 +32,8 @@ class TokenizeStage(MapStage):
         self.target_bytes = int(shard_target_mb * 1024 * 1024)
         self.batch_size = batch_size
 
-    def unit_outputs(self, run_dir: Path, unit: Unit, result: dict[str, Any]) -> list[Path]:
-        return [run_dir / shard["path"] for shard in result["shards"]]
+    def output_path(self, run_dir: Path, unit: Unit) -> Path:
+        return self.stage_dir(run_dir) / f"{unit.id}{SHARD_SUFFIX}"
 
     def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:
         tokenizer = worker_cached((STAGE, self.tokenizer.fingerprint),
@@ -41,8 +42,9 @@ class TokenizeStage(MapStage):
         ledger = Ledger()
         started = time.perf_counter()
         writer = ShardWriter(run_dir, unit.id, self.tokenizer.vocab_size, self.tokenizer.eos_id,
-                             self.tokenizer.fingerprint, self.target_bytes)
+                             self.tokenizer.fingerprint, target_bytes=None, directory=f"{STAGES_DIR}/{STAGE}")
         dtype = writer.dtype
+        rows = tokens_total = weight = 0
         eos = np.array([self.tokenizer.eos_id], dtype=dtype)
         source_in = self.input_stage.output_path(run_dir, unit)
         try:
@@ -66,14 +68,20 @@ class TokenizeStage(MapStage):
                         continue
                     tokens = np.concatenate([np.asarray(enc.ids, dtype=dtype), eos])
                     writer.add(doc_id, source, kind, tokens, score)
+                    rows += 1
+                    tokens_total += len(tokens)
+                    weight += row_weight(len(tokens), dtype.itemsize)
                     ledger.kept(STAGE, source, kind, 1, nbytes)
-            shards = writer.close()
+            written = writer.close()
         except BaseException:
             writer.abort()
             raise
         ledger.add_seconds(STAGE, unit.source, time.perf_counter() - started)
         self.write_quarantine(run_dir, unit, ledger)
-        return {"ledger": ledger.to_json(), "shards": [asdict(s) for s in shards]}
+        if not written:   # nothing kept: no file (none of an earlier attempt either)
+            self.output_path(run_dir, unit).unlink(missing_ok=True)
+        # rows and weight feed the pack plan (pipeline.stages.pack), which packs this file into shards
+        return {"ledger": ledger.to_json(), "rows": rows, "tokens": tokens_total, "weight": weight}
 
 
 def _encode_isolating(encode, texts: list[str]) -> tuple[list, list[str]]:
