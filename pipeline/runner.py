@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sys
@@ -91,6 +92,16 @@ def _packed(pack: Any, shard: Unit, run_dir: Path) -> bool:
         return False
     result = read_json(marker)
     return result.get("pieces") == pack.pieces[shard.id] and outputs_intact(run_dir, result)
+
+
+def _compact(result: dict[str, Any]) -> dict[str, Any]:
+    """What the driver keeps of a unit's result until the run is published: not its outputs (checked from the
+    marker file on resume), and the ledger as one JSON string (hundreds of bytes rather than a tree of small
+    objects: the driver's memory per unit stays small at 10^5 units)."""
+    kept = {k: v for k, v in result.items() if k != "outputs"}
+    if isinstance(kept.get("ledger"), dict):
+        kept["ledger"] = json.dumps(kept["ledger"], separators=(",", ":"))
+    return kept
 
 
 def outputs_intact(run_dir: Path, result: dict[str, Any]) -> bool:
@@ -263,7 +274,7 @@ class PipelineRun:
             marker = stage.marker_path(self.run_dir, unit)
             result = read_json(marker) if marker.exists() else None
             if result is not None and outputs_intact(self.run_dir, result):
-                results[unit.id] = result
+                results[unit.id] = _compact(result)
             else:
                 redone += result is not None
                 todo.append(unit)
@@ -346,7 +357,7 @@ class PipelineRun:
                     unit = pending.pop(ref)
                     release(ref)
                     try:
-                        results[unit.id] = ray.get(ref)
+                        results[unit.id] = _compact(ray.get(ref))
                     except Exception as exc:  # a unit-level failure is a bug or a lost node: report, go on
                         failures[unit.id] = _short_error(exc)
                         log.error("stage %s unit %s failed: %s", stage.name, unit.describe(), exc)
@@ -499,7 +510,7 @@ class PipelineRun:
         self.resumed[tokenize.name] = len(self.units) - len(todo) + self.resumed.get(tokenize.name, 0)
         for unit in self.units:
             if unit.id not in results:
-                results[unit.id] = read_json(tokenize.marker_path(run_dir, unit))
+                results[unit.id] = _compact(read_json(tokenize.marker_path(run_dir, unit)))
         table = [[u.id, results[u.id]["rows"], results[u.id]["weight"]] for u in self.units]
         itemsize = packing.itemsize_of(tokenizer)
         fresh = plan is None or plan["units"] != sorted(table) or plan["target_bytes"] != tokenize.target_bytes \
@@ -534,7 +545,8 @@ class PipelineRun:
         for results in stage_results:
             for unit in self.units:
                 if unit.id in results:
-                    ledger.merge(Ledger.from_json(results[unit.id]["ledger"]))
+                    booked = results[unit.id]["ledger"]
+                    ledger.merge(Ledger.from_json(json.loads(booked) if isinstance(booked, str) else booked))
         stats = ledger.stats(STAGE_ORDER)
         if quality_done is not None:
             kinds, score_results, thresholds = quality_done
