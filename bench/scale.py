@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--baseline-rev", help="also run each case with the project at this git revision")
     parser.add_argument("--baseline-max-partitions", type=int, default=256,
                         help="the baseline only up to this many partitions (its graph grows with P^2)")
+    parser.add_argument("--baseline-max-units", type=int, default=5000, help="the baseline only up to this many units")
     parser.add_argument("--json", default=str(ROOT / "bench/results/scale.json"))
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -217,7 +218,7 @@ def main() -> None:
             data = build_units(work / f"in-{units}", units, chunks)
             for partitions in args.partitions:
                 projects = [("ours", ROOT)]
-                if baseline and partitions <= args.baseline_max_partitions:
+                if baseline and partitions <= args.baseline_max_partitions and units <= args.baseline_max_units:
                     projects.append(("baseline", baseline))
                 for label, project in projects:
                     row = case(project, data, work, units, partitions, args.fan_in, args.full, label)

@@ -362,6 +362,8 @@ class PipelineRun:
                         failures[unit.id] = _short_error(exc)
                         log.error("stage %s unit %s failed: %s", stage.name, unit.describe(), exc)
                     bar.update(1)
+        if actors:
+            self.actors[stage.name] = len(actors)   # the pool's final size: it follows the cluster as it grows
         for actor in actors:
             ray.kill(actor)
         if failures:
@@ -380,6 +382,7 @@ class PipelineRun:
         self.units = plan_units(self.config)
         self.resumed: dict[str, int] = {}
         self.wall_seconds: dict[str, float] = {}
+        self.actors: dict[str, int] = {}
         with self._lock():
             handler = self._setup_logging()
             try:
@@ -415,7 +418,7 @@ class PipelineRun:
     def _stopped(self, started: float) -> RunReport:
         log.info("stopped after stage %s (until); rerun without --until to finish", self.until)
         stats = {"stopped_after": self.until, "units": len(self.units), "resumed_units": self.resumed,
-                 "wall_seconds": self.wall_seconds}
+                 "wall_seconds": self.wall_seconds, "actors": self.actors}
         return RunReport(self.run_dir, stats, None, time.perf_counter() - started, len(self.units), self.resumed)
 
     def _check_quality_models(self) -> dict[str, dict[str, Any]]:
@@ -571,6 +574,7 @@ class PipelineRun:
         stats["shards"] = len(shards)
         stats["resumed_units"] = self.resumed
         stats["wall_seconds"] = self.wall_seconds          # this invocation's work (resumed stages: absent)
+        stats["actors"] = self.actors                      # actor stages: the pool size they reached
         stats["tokens"] = manifest.total_tokens
         write_json(self.run_dir / "stats.json", stats, sort_keys=False)  # stages in pipeline order
         if not stats["invariant_ok"]:
