@@ -502,7 +502,8 @@ class PipelineRun:
             needed |= {u.id for u in self.units if not tokenize.marker_path(run_dir, u).exists()}
         todo = [u for u in self.units if u.id in needed]
         if not todo:
-            log.info("stage tokenize: 0 units to run, %d already packed into intact shards", len(self.units))
+            log.info("stage tokenize: 0 units to run, %d already complete (packed into intact shards)",
+                     len(self.units))
         results = self.map_stage(tokenize, todo) if todo else {}
         outdated = [uid for uid, r in results.items() if "weight" not in r]   # markers of the per-unit shard layout
         if outdated:

@@ -89,7 +89,8 @@ BATCH_BYTES = 64 << 20     # token bytes per record batch: a batch ends at the r
 def batch_ends(sizes: np.ndarray, rows: int, nbytes: int, batch_rows: int, batch_bytes: int) -> int:
     """How many of the rows with token bytes ``sizes`` join a pending batch of ``rows`` rows and ``nbytes``
     token bytes before it is complete (at ``batch_rows`` rows, or at the row that brings it to
-    ``batch_bytes``); all of them if it stays incomplete. The one rule both writers batch by, so a batch's
+    ``batch_bytes``); all of them if it stays incomplete. With "a row of another source ends the batch before
+    it" (the trainer streams each source by record batch), the one rule both writers batch by, so a batch's
     boundaries depend only on the sequence of rows."""
     room = min(batch_rows - rows, len(sizes))
     cumulative = nbytes + np.cumsum(sizes[:room], dtype=np.int64)
@@ -167,6 +168,8 @@ class ShardWriter:
 
     def add(self, doc_id: str, source: str, kind: str, tokens: np.ndarray, quality_score: float | None = None) -> None:
         tokens = np.asarray(tokens, dtype=self.dtype)
+        if self._pending and self._pending[-1][1] != source:   # a record batch holds one source
+            self._flush()
         self._pending.append((doc_id, source, kind, tokens, quality_score))
         self._pending_bytes += tokens.nbytes
         if len(self._pending) >= self.batch_rows or self._pending_bytes >= self.batch_bytes:
@@ -210,16 +213,63 @@ class ShardWriter:
         self._file = None
 
 
+class _Rebatcher:
+    """Rows (slices of mapped token files) gathered into the record batches of ``batch_ends``, each copied into
+    fresh buffers when written."""
+
+    def __init__(self, out: _ShardFile, itemsize: int, batch_rows: int, batch_bytes: int):
+        self.out, self.itemsize, self.batch_rows, self.batch_bytes = out, itemsize, batch_rows, batch_bytes
+        self.pending: list[pa.RecordBatch] = []
+        self.source: str | None = None
+        self.rows = self.nbytes = 0
+
+    def add(self, part: pa.RecordBatch, source: str) -> None:
+        """Rows of one source."""
+        if self.pending and source != self.source:
+            self.flush()
+        self.source = source
+        sizes = part.column("num_tokens").to_numpy(zero_copy_only=False).astype(np.int64) * self.itemsize
+        i = 0
+        while i < part.num_rows:
+            take = batch_ends(sizes[i:], self.rows, self.nbytes, self.batch_rows, self.batch_bytes)
+            self.pending.append(part.slice(i, take))
+            self.rows += take
+            self.nbytes += int(sizes[i:i + take].sum())
+            i += take
+            if self.rows >= self.batch_rows or self.nbytes >= self.batch_bytes:
+                self.flush()
+
+    def own(self) -> None:
+        """Copy the pending rows out of the mapping they point into (before it is closed)."""
+        if self.pending:
+            self.pending = [pa.concat_batches(self.pending)]
+
+    def flush(self) -> None:
+        if self.pending:
+            self.out.write(pa.concat_batches(self.pending))
+        self.pending, self.rows, self.nbytes = [], 0, 0
+
+
+def _source_runs(part: pa.RecordBatch) -> Iterator[tuple[pa.RecordBatch, str]]:
+    """``part`` cut where the source changes (a unit's token file holds one source: one run)."""
+    names = part.column("source").to_pylist()
+    start = 0
+    for i in range(1, len(names) + 1):
+        if i == len(names) or names[i] != names[start]:
+            yield part.slice(start, i - start), names[start]
+            start = i
+
+
 def pack_shard(run_dir: Path | str, pieces: Sequence[tuple[Path | str, int, int]], path: str, schema: pa.Schema,
                batch_rows: int = BATCH_ROWS, batch_bytes: int = BATCH_BYTES) -> ShardInfo:
     """Write the shard ``run_dir/path`` from row ranges ``[start, stop)`` of token files of this format, in
-    order. One source file is mapped at a time; rows are re-batched by ``batch_ends`` and copied into fresh
-    buffers, so the file's bytes depend only on the rows it holds (not on how its sources were batched)."""
+    order. One source file is mapped at a time; rows are re-batched by ``batch_ends`` (a batch holds one
+    source) and copied into fresh buffers, so the file's bytes depend only on the rows it holds, not on how
+    its sources were batched: it is the file ``ShardWriter`` writes from the same documents."""
     run_dir = Path(run_dir)
     itemsize = token_dtype(int(schema.metadata[f"{_META_PREFIX}vocab_size".encode()])).itemsize
     out = _ShardFile(run_dir / path, schema)
-    pending: list[pa.RecordBatch] = []
-    rows = nbytes = 0
+    batches = _Rebatcher(out, itemsize, batch_rows, batch_bytes)
     try:
         for source, start, stop in pieces:
             with ShardReader(source) as reader:
@@ -230,26 +280,14 @@ def pack_shard(run_dir: Path | str, pieces: Sequence[tuple[Path | str, int, int]
                     lo, hi = max(start - first, 0), min(stop - first, batch.num_rows)
                     first += batch.num_rows
                     if lo < hi:
-                        part = batch.slice(lo, hi - lo)
-                        sizes = part.column("num_tokens").to_numpy(zero_copy_only=False).astype(np.int64) * itemsize
-                        i = 0
-                        while i < part.num_rows:
-                            take = batch_ends(sizes[i:], rows, nbytes, batch_rows, batch_bytes)
-                            pending.append(part.slice(i, take))
-                            rows += take
-                            nbytes += int(sizes[i:i + take].sum())
-                            i += take
-                            if rows >= batch_rows or nbytes >= batch_bytes:
-                                out.write(pa.concat_batches(pending))
-                                pending, rows, nbytes = [], 0, 0
+                        for run, name in _source_runs(batch.slice(lo, hi - lo)):
+                            batches.add(run, name)
                     if first >= stop:
                         break
                 if first < stop:
                     raise ValueError(f"{source}: {first} rows, the plan needs rows up to {stop}")
-                if pending:  # own the pending rows before the mapping closes
-                    pending = [pa.concat_batches(pending)]
-        if pending:
-            out.write(pa.concat_batches(pending))
+                batches.own()
+        batches.flush()
         return out.close(run_dir)
     except BaseException:
         out.abort()

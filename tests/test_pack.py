@@ -132,14 +132,26 @@ def test_pack_refuses_a_token_file_of_another_tokenizer_and_leaves_nothing(tmp_p
     assert not list((tmp_path / "shards").iterdir())   # no temporary file left
 
 
-def test_packed_shards_verify(tmp_path):
+def test_packed_shards_verify_and_feed_the_trainer(tmp_path):
+    """A shard mixes units and sources, a record batch never mixes sources (the trainer streams each source
+    by record batch)."""
     from pipeline.shards import Manifest, ShardInfo, build_totals
+    from train.data import load_streams
 
-    table, _ = unit_files(tmp_path, [[20] * 12, [33] * 5, [9] * 30])
-    _, infos = pack_all(tmp_path, table, 500)
+    table, _ = unit_files(tmp_path, [[20] * 12, [33] * 5, [9] * 30, [15] * 4])
+    _, infos = pack_all(tmp_path, table, 3000)
     shards = [ShardInfo(**i) for i in infos]
-    Manifest(2, "cfg", {"fingerprint": "fp", "vocab_size": VOCAB, "eos_id": EOS}, shards,
-             build_totals(shards, {"books": "book", "code": "code"})).save(tmp_path)
+    manifest = Manifest(2, "cfg", {"fingerprint": "fp", "vocab_size": VOCAB, "eos_id": EOS}, shards,
+                        build_totals(shards, {"books": "book", "code": "code"}))
+    manifest.save(tmp_path)
     assert verify_run(tmp_path) == []
+    assert any(len(s.sources) == 2 for s in shards)
+    for info in infos:
+        with ShardReader(tmp_path / info["path"]) as reader:
+            assert all(len(set(b.column("source").to_pylist())) == 1 for b in reader.batches())
+    streams, _ = load_streams([tmp_path], model_vocab=VOCAB)
+    assert {n: s.tokens for n, s in streams.items()} == {n: t["tokens"] for n, t in manifest.totals.items()}
+    whole = streams["code"].window(0, streams["code"].tokens)
+    assert (whole == EOS).sum() == manifest.totals["code"]["rows"]
     assert Unit(id="shard-000000", source="", kind="") in PackStage(_TokenDir(), TOKENIZER, {"shards": [
         {"name": "shard-000000", "pieces": []}]}).shard_units()
