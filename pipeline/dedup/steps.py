@@ -84,8 +84,6 @@ class SignatureFiles:
         table = pa.ipc.open_file(pa.memory_map(self.runs[run][unit])).read_all()
         self._open[key] = table
         self.opened += 1
-        if self.probe is not None:
-            self.probe.sample()
         return table
 
     def rows(self, locs: np.ndarray, columns: tuple[str, ...]) -> dict[str, Any]:
@@ -114,6 +112,8 @@ class SignatureFiles:
                     out["sig"][idx] = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1)
                 else:
                     out[column][idx] = taken.to_numpy()
+        if self.probe is not None:     # the LRU is at its fullest now: one look at /proc (~1 ms) per call
+            self.probe.sample()
         if out["sig"] is None:
             out["sig"] = np.zeros((len(locs), 0), dtype=np.uint64)
         return {c: out[c] for c in columns}

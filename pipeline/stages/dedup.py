@@ -173,6 +173,7 @@ class GraphSteps:
         self.log = log
         self.tasks = self.resumed = 0
         self.busy_seconds = 0.0
+        self.step_seconds: dict[str, float] = {}
         self.max_maps = self.max_open_files = self.max_driver_refs = 0
         self._node_memory: int | None = None
 
@@ -199,8 +200,10 @@ class GraphSteps:
                 results[pending.pop(ref)] = ray.get(ref)
             del done, refs
         self.tasks += len(calls)
+        kind_of_step = name.split("/")[-1].split("-")[0]          # round-003/large -> large, bands/merge-1 -> merge
         for r in results:
             self.busy_seconds += r.get("seconds", 0.0)
+            self.step_seconds[kind_of_step] = self.step_seconds.get(kind_of_step, 0.0) + r.get("seconds", 0.0)
             self.max_maps = max(self.max_maps, r.get("max_maps", 0))
             self.max_open_files = max(self.max_open_files, r.get("max_open_files", 0))
         return results  # type: ignore[return-value]
@@ -352,6 +355,7 @@ def run_graph(run_dir: Path, units: list[Unit], cfg: DedupConfig, log=None, docu
                            "band_merge_levels": len(merge_plan(len(band_files), F)) - 1,
                            "tasks": steps.tasks, "resumed_tasks": steps.resumed,
                            "task_seconds": round(steps.busy_seconds, 3),
+                           "task_seconds_by_step": {k: round(v, 3) for k, v in sorted(steps.step_seconds.items())},
                            "max_driver_refs": steps.max_driver_refs, "max_maps_per_task": steps.max_maps,
                            "max_open_files_per_task": steps.max_open_files,
                            "max_signature_files_opened": max([o.get("signature_files_opened", 0)
