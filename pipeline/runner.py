@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +72,29 @@ class RunReport:
 
 
 # ---------------------------------------------------------------------------------------------- Ray
-def _execute_unit(stage: MapStage, unit: Unit, run_dir: str) -> dict[str, Any]:
+_STAGES: OrderedDict[str, MapStage] = OrderedDict()
+
+
+def _stage_of(ref: Any) -> MapStage:
+    """The stage behind an object reference, deserialised once per worker process (a few kept): a stage may
+    hold per-run tables that grow with the units (dedup's unit index), which Ray would otherwise unpickle
+    for every task, making the cost per unit grow with the run."""
+    import ray
+
+    key = ref.hex()
+    if key not in _STAGES:
+        _STAGES[key] = ray.get(ref)
+        while len(_STAGES) > 4:
+            _STAGES.popitem(last=False)
+    return _STAGES[key]
+
+
+def _execute_unit(stage: MapStage | list, unit: Unit, run_dir: str) -> dict[str, Any]:
     """The body of one Ray task: process the unit, then write its completion marker, which lists the unit's
-    outputs (path, bytes, sha256) so that a resume can tell a marker whose outputs went missing."""
+    outputs (path, bytes, sha256) so that a resume can tell a marker whose outputs went missing. ``stage``
+    is the stage, or ``[ref]``: a reference in a list, which Ray passes unresolved (``_stage_of``)."""
+    if isinstance(stage, list):
+        stage = _stage_of(stage[0])
     root = Path(run_dir)
     started = time.perf_counter()
     result = stage.run_unit(unit, root)
@@ -331,7 +352,7 @@ class PipelineRun:
                     capacity[0] = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
 
             def submit(unit: Unit) -> Any:
-                return remote.remote(stage_ref, unit, run_dir)
+                return remote.remote([stage_ref], unit, run_dir)
 
             def release(ref: Any) -> None:
                 pass
