@@ -75,6 +75,25 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
                           timeout=timeout, cwd=ROOT, env=full_env)
 
 
+def kill_run_when(args: list[str], ready, timeout: float = 300, poll: float = 0.02) -> bool:
+    """Start ``python -m pipeline <args>`` in its own session, SIGKILL the whole session (the driver and the
+    local Ray it started) as soon as ``ready()`` holds; whether it was still running to be killed."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
+                            env={**os.environ, "JAMBA_RAY_DASHBOARD": "0"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll)
+    alive = proc.poll() is None
+    if alive:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return alive
+
+
 def write_quality_train_config(corpus, path: Path, output: Path, **fasttext) -> Path:
     """The demo's classifier recipe on the test corpus, with a small fastText (fast to train and load)."""
     data = yaml.safe_load((ROOT / "configs/quality/demo.yaml").read_text())

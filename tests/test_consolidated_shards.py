@@ -5,19 +5,14 @@ during tokenize, and after shards or the plan are lost."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.shards import Manifest
-from tests.conftest import ROOT, run_cli
+from tests.conftest import kill_run_when, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 TARGET_MB = 0.15
@@ -116,16 +111,9 @@ def test_lost_and_damaged_shards_are_repacked_identically(two_cpu_run, tmp_path)
 def test_kill_during_tokenize_resumes_to_byte_identical_shards(two_cpu_run, tmp_path):
     source, config = two_cpu_run
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "JAMBA_RAY_DASHBOARD": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "--output", str(run_dir),
-                             "--no-progress"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = run_dir / "stages" / "tokenize"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(markers.glob("*.done.json")) and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, and with it the local Ray it started
-    proc.wait()
+    kill_run_when(["run", str(config), "--output", str(run_dir), "--no-progress"],
+                  lambda: bool(list(markers.glob("*.done.json"))))
     assert list(markers.glob("*.done.json")), "the run finished or failed before it could be killed"
     assert not (run_dir / "manifest.json").exists()
     stats = run(config, run_dir)

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.dedup.graph import bucket_star_pairs, connected_components_local
 from pipeline.dedup.minhash import MinHasher, lsh_params, normalize_words, shingle_hashes
-from tests.conftest import ROOT, real_data_unavailable, run_cli
+from tests.conftest import ROOT, kill_run_when, real_data_unavailable, run_cli
 
 pytestmark = pytest.mark.realdata
 
@@ -157,28 +157,14 @@ def test_fan_in_and_partitions_change_the_layout_not_the_removed_set(dedup_run):
 def test_a_driver_killed_in_a_graph_round_resumes_to_the_same_removed_set(dedup_run):
     """SIGKILL the whole run (driver and its local Ray) once the first connected-components round has
     finished tasks, then the same command: it resumes the finished tasks and removes the same documents."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     tmp, docs, run = dedup_run
     config = _pipeline_config(tmp, "killed", _write_jsonl(tmp / "in-killed", docs, 5), partitions=16, fan_in=4)
     out = tmp / "killed"
-    args = [sys.executable, "-m", "pipeline", "run", str(config), "--output", str(out), "--num-cpus", "2",
-            "--no-progress", "--until", "dedup"]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "JAMBA_RAY_DASHBOARD": "0"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     round_markers = out / "stages/dedup/graph/round-001/small"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if round_markers.exists() and any(round_markers.glob("task-*.done.json")):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed in a graph round"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = kill_run_when(["run", str(config), "--output", str(out), "--num-cpus", "2", "--no-progress",
+                            "--until", "dedup"],
+                           lambda: round_markers.exists() and any(round_markers.glob("task-*.done.json")), poll=0.05)
+    assert killed, "the run ended before it could be killed in a graph round"
     assert not (out / "stages/dedup/graph.done.json").exists()
     resumed = _run_pipeline(tmp, "killed", tmp / "in-killed", until="dedup", partitions=16, fan_in=4)
     summary = json.loads((resumed / "stages/dedup/graph.done.json").read_text())["shuffle"]

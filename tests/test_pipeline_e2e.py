@@ -4,11 +4,6 @@ back to the kept text, accounting holds, reruns resume, and a killed run resumes
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +14,7 @@ import yaml
 
 from pipeline.shards import Manifest, ShardReader
 from pipeline.tokenizer import load_tokenizer
-from tests.conftest import ROOT, run_cli
+from tests.conftest import kill_run_when, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -143,16 +138,9 @@ def test_a_different_config_in_the_same_directory_is_refused(clean_run, tmp_path
 
 def test_killed_run_resumes_to_identical_shards(clean_run, config_path, tmp_path):
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "JAMBA_RAY_DASHBOARD": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config_path), "--output", str(run_dir),
-                             "--no-progress"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = run_dir / "stages" / "crawl_filter"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(markers.glob("*.done.json")) and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, and with it the local Ray it started
-    proc.wait()
+    kill_run_when(["run", str(config_path), "--output", str(run_dir), "--no-progress"],
+                  lambda: bool(list(markers.glob("*.done.json"))), poll=0.05)
     assert list(markers.glob("*.done.json")), "the run finished or failed before it could be killed"
     assert not (run_dir / "manifest.json").exists()
 

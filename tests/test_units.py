@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +16,7 @@ from pipeline.ledger import Ledger
 from pipeline.sources import plan_fingerprint, plan_units, reader_for
 from pipeline.sources.base import InputFile
 from pipeline.sources.ranges import _window
+from tests.test_warc import member_offsets  # one helper for both WARC test files
 
 pytestmark = pytest.mark.realdata
 SMALL_MB = 0.1          # the split plans; 1 GB: the same file read whole
@@ -152,16 +152,6 @@ def test_parquet_without_the_text_column_is_not_cut(corpus, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- WARC
-def member_offsets(raw: bytes) -> list[int]:
-    offsets, pos = [], 0
-    while pos < len(raw):
-        offsets.append(pos)
-        inflater = zlib.decompressobj(31)
-        inflater.decompress(raw[pos:])
-        pos = len(raw) - len(inflater.unused_data)
-    return offsets
-
-
 @pytest.fixture(scope="module")
 def crawl(corpus, tmp_path_factory) -> tuple[Path, bytes, list[int]]:
     """The test corpus's real WARC.gz files (wget: one gzip member per record) concatenated into one."""
