@@ -96,20 +96,21 @@ class DedupSignatureStage(MapStage):
         p = self.params
         hasher = MinHasher(p["num_perm"], p["seed"], p["ngram"])
         ids: list[str] = []
-        kinds: list[str] = []
+        scope_of_doc: list[int] = []       # the dedup scope's hash per document: its kind, or one for all
         scores, exact, sigs, has_sig = [], [], [], []
         # one batch of text at a time: what stays is per document (id, keys, signature), never the text
         source = pq.ParquetFile(self.input_stage.output_path(run_dir, unit))
         for batch in source.iter_batches(batch_size=READ_BATCH, columns=["id", "source_kind", "text", "metadata"]):
             ids += batch.column("id").to_pylist()
-            batch_kinds = batch.column("source_kind").to_pylist()
-            kinds += batch_kinds
             scores.append(metadata_scores(batch.column("metadata").to_pylist(), p["score_key"]))
             batch_sigs = np.zeros((batch.num_rows, p["num_perm"]), dtype=np.uint64)
             batch_has = np.zeros(batch.num_rows, dtype=bool)
             batch_exact = np.zeros(batch.num_rows, dtype=np.uint64)
-            for i, (kind, text) in enumerate(zip(batch_kinds, batch.column("text").to_pylist())):
-                batch_exact[i] = exact_key(text, scope_hash(kind if p["scope"] == "kind" else "all"))
+            for i, (kind, text) in enumerate(zip(batch.column("source_kind").to_pylist(),
+                                                 batch.column("text").to_pylist())):
+                scope = scope_hash(kind if p["scope"] == "kind" else "all")
+                scope_of_doc.append(scope)
+                batch_exact[i] = exact_key(text, scope)
                 if p["minhash"]:
                     sig = hasher.signature(text)
                     if sig is not None:
@@ -120,7 +121,7 @@ class DedupSignatureStage(MapStage):
         sig_arr = np.concatenate(sigs) if sigs else np.zeros((0, p["num_perm"]), np.uint64)
         has = np.concatenate(has_sig) if has_sig else np.zeros(0, bool)
         exact_arr = np.concatenate(exact) if exact else np.zeros(0, np.uint64)
-        scopes = np.array([scope_hash(k if p["scope"] == "kind" else "all") for k in kinds], dtype=np.uint64)
+        scopes = np.array(scope_of_doc, dtype=np.uint64)
         nodes = node_key(ids, None if np.isnan(score).all() else score, indexed=False)
         loc = make_loc(0, self.unit_index[unit.id], np.arange(n, dtype=np.int64))
         keys, key_nodes, key_locs, key_exact = [], [], [], []
