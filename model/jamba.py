@@ -6,7 +6,6 @@ Mamba and the ffn is a dense MLP or an MoE, as ``JambaConfig`` lays them out.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +64,9 @@ class Jamba(nn.Module):
     def __init__(self, cfg: JambaConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # _weight: skip nn.Embedding's own normal_ (reset_parameters draws every weight); on the meta device
+        # that call alone would load torch's meta kernels, ~70 MB per process
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         self.layers = nn.ModuleList(JambaLayer(cfg, i) for i in range(cfg.n_layers))
         self.final_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -76,28 +77,17 @@ class Jamba(nn.Module):
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, MoE):
-                nn.init.normal_(module.gate_up, std=std)
-                nn.init.normal_(module.down, std=std)
-        for module in self.modules():
-            if isinstance(module, MambaMixer):
-                n = module.d_state
-                module.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(module.d_inner, 1))
-                module.D.fill_(1.0)
-                # mamba-ssm's dt init: softplus(bias) log-uniform in [1e-3, 1e-1], a sane starting step size
-                dt = torch.exp(torch.rand(module.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-                module.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Jamba's initialisation (``model/init.py``), keyed by parameter name: the same ``seed`` gives the
+        same value to a parameter however the model is built or sharded. Default: torch's initial seed (so
+        ``torch.manual_seed(s)`` before building still decides the weights). A model on the meta device
+        is left for its owner to materialise and initialise."""
+        from model.init import init_parameters_
+
+        if any(p.is_meta for p in self.parameters()):
+            return
+        left = init_parameters_(self, torch.initial_seed() if seed is None else seed, self.cfg.init_std)
+        assert not left, f"no init rule for {left}"
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

@@ -43,11 +43,13 @@ def train_config(tmp: Path, run_dir: Path, name: str, model: str | None = None, 
     return path
 
 
-def launch(config: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+def launch(config: Path, env: dict | None = None, ranks: int = 2, **popen) -> subprocess.Popen:
+    """The real launcher on CPU ranks. Every run is under the collective device guard
+    (train/device_guard.py): a collective on a host-built tensor fails here as it would under NCCL."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([launcher, "--num_gpus", "2", "--master_port", str(_port()), "--module", "train",
-                             "--config", str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAMBA_GUARD_COLLECTIVES": "1", **(env or {})}
+    return subprocess.Popen([launcher, "--num_gpus", str(ranks), "--master_port", str(_port()), "--module",
+                             "train", "--config", str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -59,8 +61,8 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def run(config: Path, env: dict | None = None) -> str:
-    proc = launch(config, env)
+def run(config: Path, env: dict | None = None, ranks: int = 2) -> str:
+    proc = launch(config, env, ranks)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -169,6 +171,60 @@ def test_export_cli_gathers_experts_by_global_id(ep2_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "train", "export", "--checkpoint", str(broken), "--to-hf",
                            str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "experts [2] are missing" in proc.stderr
+
+
+def test_ranks_hold_only_their_shard_at_start(clean_run, tmp_path):
+    """2 ranks, ep 2, a model whose experts are 90 % of its bytes, started from a native checkpoint
+    (``init_from``): each rank's host memory for the model is its own shard (non-expert weights + half the
+    experts) plus one tensor, not the model, and the weights it trains are the checkpoint's."""
+    from model import Jamba, JambaConfig
+    from model.hf import save_native
+    from model.params import count_parameters
+
+    model = yaml.safe_load((ROOT / "configs/model/jamba-tiny.yaml").read_text())
+    model.update(d_model=256, ffn_dim=3072, n_experts=16, n_heads=4, n_kv_heads=2, mamba_dt_rank=16)
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(model))
+    cfg = JambaConfig.from_yaml(tmp_path / "model.yaml")
+    counts = count_parameters(cfg)
+    whole, experts = 4 * counts["total"], 4 * counts["part_moe_experts"]
+    assert experts > 0.9 * whole
+    torch.manual_seed(1)
+    save_native(Jamba(cfg), tmp_path / "start")
+    config = train_config(tmp_path, clean_run[0], "shard", model=str(tmp_path / "model.yaml"), steps=1,
+                          seq_len=64, micro_batch=1, grad_accum=1)
+    data = yaml.safe_load(config.read_text())
+    data["init_from"] = str(tmp_path / "start")
+    config.write_text(yaml.safe_dump(data))
+    run(config)
+    shard = whole - experts // 2
+    for rank in (0, 1):
+        startup = json.loads((tmp_path / "shard" / "startup" / f"rank{rank}.json").read_text())
+        assert startup["local_parameter_bytes"] == shard, (startup, shard)
+        peak = startup["host_peak_above_baseline_bytes"]
+        print(f"rank {rank}: host peak {peak / 2**20:.0f} MiB, own shard {shard / 2**20:.0f} MiB, "
+              f"model {whole / 2**20:.0f} MiB")
+        # the documented overhead: one tensor being read (<= 8 MiB here) and allocator slack, 64 MiB in all
+        assert peak <= shard + 64 * 2**20, (peak, shard)
+        assert peak < 0.7 * whole
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_expert_parallel_equals_none_at_world_4_with_zero2(clean_run, tmp_path, dtype):
+    """4 ranks with ZeRO-2: ep 2 (expert-data-parallel groups of 2 reduce the expert gradients) against
+    ep 1 (every rank holds every expert, reduced over all 4): the same losses and gradient norms."""
+    runs = {}
+    for ep in (2, 1):
+        name = f"w4-ep{ep}-{dtype}"
+        run(train_config(tmp_path, clean_run[0], name, steps=4, seq_len=64, micro_batch=1, ep_size=ep,
+                         zero_stage=2, dtype=dtype), ranks=4)
+        runs[ep] = losses(tmp_path / name)
+    loss_tol, norm_tol = (1e-4, 1e-3) if dtype == "fp32" else (1e-2, 3e-2)
+    for step in range(1, 5):
+        a, b = runs[2][step], runs[1][step]
+        print(dtype, step, a["loss"], b["loss"], a["grad_norm"], b["grad_norm"])
+        assert abs(a["loss"] - b["loss"]) < loss_tol * abs(b["loss"]), (step, a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) < norm_tol * b["grad_norm"], (step, a, b)
+    assert runs[2][4]["loss"] < runs[2][1]["loss"]
 
 
 @pytest.mark.parametrize(("vocab", "variant"), [

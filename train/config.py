@@ -49,6 +49,8 @@ class ParallelConfig(_Strict):
     deepspeed: str | None = None          # configs/deepspeed/*.json: ZeRO buckets, comm overlap, ...
     memory_check: bool = True             # on CUDA, refuse to start when the memory plan does not fit
     expert_imbalance: float = Field(default=1.5, ge=1.0)   # memory plan: most-loaded EP rank / mean
+    # bf16 runs: the dtype gradients are accumulated in over micro-steps and reduced in across ranks
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _no_zero3_with_moe(self) -> ParallelConfig:
@@ -121,7 +123,18 @@ _OWNED = {"train_micro_batch_size_per_gpu": lambda c: c.parallel.micro_batch,
           "gradient_accumulation_steps": lambda c: c.parallel.grad_accum,
           "gradient_clipping": lambda c: c.optim.grad_clip,
           "zero_optimization.stage": lambda c: c.parallel.zero_stage,
-          "bf16.enabled": lambda c: c.parallel.dtype == "bf16"}
+          "bf16.enabled": lambda c: c.parallel.dtype == "bf16",
+          "communication_data_type": lambda c: c.parallel.grad_reduce_dtype if c.parallel.dtype == "bf16" else "fp32",
+          "data_types.grad_accum_dtype": lambda c: c.parallel.grad_reduce_dtype if c.parallel.dtype == "bf16" else "fp32"}
+# Settings with which DeepSpeed reduces expert gradients wrongly or not at all, refused with the reason.
+_BROKEN_WITH_EXPERTS = {
+    "zero_optimization.contiguous_gradients": (False, "its non-contiguous fallback all-reduces the gradients of "
+                                               "different experts over the whole data-parallel group"),
+    "zero_optimization.reduce_scatter": (False, "ZeRO-2 reduces expert gradients over the expert-data-parallel "
+                                         "group only on the reduce-scatter path"),
+    "zero_optimization.offload_optimizer": (None, "not with expert parallelism here: untested, and the plan does "
+                                            "not model host memory"),
+}
 _REFUSED = ("optimizer", "scheduler", "train_batch_size", "fp16")
 
 
@@ -141,12 +154,22 @@ def _check_deepspeed_json(path: Path, cfg: TrainConfig) -> None:
         if key in extra:
             raise TrainConfigError(f"{where}: {key}: set by the trainer (optim.* / parallel.*), remove it from the JSON")
     for dotted, value_of in _OWNED.items():
-        node: Any = extra
-        for part in dotted.split("."):
-            node = node.get(part, None) if isinstance(node, dict) else None
+        node = _lookup(extra, dotted)
         if node is not None and node != value_of(cfg):
             raise TrainConfigError(f"{where}: {dotted} is {node!r} in the JSON but {value_of(cfg)!r} in the YAML; "
                                    f"set it in one place")
+
+
+    for dotted, (bad, why) in _BROKEN_WITH_EXPERTS.items():
+        node = _lookup(extra, dotted)
+        if node is not None and (bad is None or node == bad):
+            raise TrainConfigError(f"{where}: {dotted}: {node!r} is refused for a mixture-of-experts model: {why}")
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, None) if isinstance(tree, dict) else None
+    return tree
 
 
 def _expand(value: str) -> str:

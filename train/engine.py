@@ -6,8 +6,10 @@ Launch: ``deepspeed [--num_gpus N | --hostfile F] --module train --config config
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -52,6 +54,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
     })
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": p.zero_stage}
+    if p.dtype == "bf16":
+        # Gradients accumulate over the micro-steps and are reduced over up to world ranks; in bf16 (8 bits
+        # of mantissa) both lose the small contributions, so by default both run in fp32 (docs/training.md).
+        ds["communication_data_type"] = p.grad_reduce_dtype
+        ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": p.grad_reduce_dtype}
     ds.setdefault("wall_clock_breakdown", False)
     return ds
 
@@ -101,6 +108,15 @@ def _vm_hwm() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def mamba_kernels_will_run(cfg: TrainConfig, cuda: bool) -> bool:
+    """Whether the Mamba layers of this run take mamba-ssm's kernels: on CUDA, with the kernels importable,
+    and without document resets (``pack: boundaries`` passes segment ids, which only the pure path
+    honours; ``model/scan.py::use_kernels`` decides the same way)."""
+    from model.scan import kernels
+
+    return cuda and cfg.data.pack != "boundaries" and kernels() is not None
+
+
 def check_memory_plan(cfg: TrainConfig, model_cfg, world: int):
     """On CUDA, the memory plan against this GPU; a plan that does not fit stops the run before it starts."""
     from train.plan import DEFAULT_OVERHEAD_CUDA, load_deepspeed_extra, plan_memory
@@ -109,7 +125,8 @@ def check_memory_plan(cfg: TrainConfig, model_cfg, world: int):
         return None
     capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     plan = plan_memory(cfg, model_cfg, world, capacity, DEFAULT_OVERHEAD_CUDA, cfg.parallel.expert_imbalance,
-                       kernels=True, deepspeed_extra=load_deepspeed_extra(cfg.parallel.deepspeed))
+                       kernels=mamba_kernels_will_run(cfg, cuda=True),
+                       deepspeed_extra=load_deepspeed_extra(cfg.parallel.deepspeed))
     if not plan.fits and cfg.parallel.memory_check:
         raise ValueError("the memory plan does not fit this GPU (set parallel.memory_check: false to try "
                          "anyway):\n" + plan.summary())
@@ -155,13 +172,18 @@ class TensorBoard:
 
 def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from model import Jamba, JambaConfig
+    from model import JambaConfig
     from model.flops import training_flops_per_token
+    from train import device_guard
+    from train.build import build_rank_model, local_parameter_bytes
     from train.data import MixtureSampler, RankLoader, SamplerState, load_streams
-    from train.expert_parallel import apply_expert_parallel
 
+    guard = device_guard.enabled()
+    if guard:  # before DeepSpeed captures the collectives it calls
+        device_guard.install(torch.device(get_accelerator().current_device_name()))
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if cfg.parallel.ep_size > world or world % cfg.parallel.ep_size:
@@ -175,20 +197,21 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     plan = check_memory_plan(cfg, model_cfg, world)
     if plan is not None and rank == 0:
         log(plan.summary())
+
+    # This rank's parameters only, in the training dtype, on its device (train/build.py).
+    if torch.cuda.is_available():
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device(get_accelerator().current_device_name())
+    baseline = _vm_hwm()
     memory = PeakMemory()
-
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = Jamba(model_cfg)
-    if cfg.init_from and not (Path(cfg.checkpoint.dir) / "latest").exists():
-        from model.hf import load_any, load_state_into
-
-        start_from = load_any(cfg.init_from)
-        if start_from.cfg.to_dict() != model_cfg.to_dict():
-            raise ValueError(f"init_from: {cfg.init_from} has a different model config than {cfg.model}")
-        load_state_into(model, start_from.state_dict(), cfg.init_from)
-        del start_from
+    resuming = (Path(cfg.checkpoint.dir) / "latest").exists()
+    model = build_rank_model(model_cfg, cfg.parallel.ep_size, device,
+                             torch.bfloat16 if cfg.parallel.dtype == "bf16" else torch.float32, cfg.seed,
+                             init_from=None if resuming else cfg.init_from)
+    startup = {"rank": rank, "device": str(device), "local_parameter_bytes": local_parameter_bytes(model),
+               "host_peak_above_baseline_bytes": max(0, _vm_hwm() - baseline),
+               "init_from": None if resuming else cfg.init_from}
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
-    apply_expert_parallel(model, cfg.parallel.ep_size)
     groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg.optim.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -204,66 +227,69 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         sampler.state = SamplerState(**client["sampler"])
         log(f"resumed from {ckpt_dir} at step {start}") if rank == 0 else None
 
-    device = engine.device
+    assert engine.device == device, (engine.device, device)
     fpt = training_flops_per_token(model_cfg, cfg.data.seq_len)
     peak = peak_flops_per_device(cfg)
     tokens_per_step = cfg.data.seq_len * cfg.parallel.micro_batch * cfg.parallel.grad_accum * world
     metrics_path = ckpt_dir / "metrics.jsonl"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / "startup").mkdir(exist_ok=True)
+    (ckpt_dir / "startup" / f"rank{rank}.json").write_text(json.dumps(startup) + "\n")
     history = []
     board = TensorBoard(ckpt_dir / "tensorboard", cfg.log.tensorboard and rank == 0)
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        started = time.perf_counter()
-        losses, auxes, counts = [], [], None
-        for _ in range(cfg.parallel.grad_accum):
-            batch = loader.next_batch()
-            ids = torch.from_numpy(batch.input_ids).to(device)
-            targets = torch.from_numpy(batch.targets).to(device)
-            segment = torch.from_numpy(batch.segment).to(device) if cfg.data.pack == "boundaries" else None
-            # DeepSpeed holds the parameters in bf16 when bf16 is enabled (fp32 master copies in the optimizer)
-            out = engine(ids, segment=segment, output_router_logits=True, targets=targets,
-                         loss_chunk=cfg.parallel.loss_chunk_tokens)
-            lm = out.lm_loss
-            loss = lm
-            if out.aux_loss is not None:
-                loss = loss + model_cfg.router_aux_loss_coef * out.aux_loss
-                auxes.append(float(out.aux_loss))
-            if out.z_loss is not None:
-                loss = loss + model_cfg.router_z_loss_coef * out.z_loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(lm))
-            counts = out.expert_counts
-        elapsed = time.perf_counter() - started
-        mean_loss = torch.tensor(sum(losses) / len(losses))
-        torch.distributed.all_reduce(mean_loss)
-        record = {"step": step + 1, "loss": float(mean_loss) / world, "lr": lr,
-                  "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                  "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
-                  "aux_loss": sum(auxes) / len(auxes) if auxes else None, **expert_load(counts or [])}
-        record["model_flops_per_s"] = fpt * record["tokens_per_s"]
-        record["mfu"] = record["model_flops_per_s"] / (world * peak) if peak else None
-        record["peak_mem_bytes"] = memory.peak()
-        history.append(record)
-        if rank == 0:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            board.write(record)
-            if (step + 1) % cfg.log.every == 0:
-                eta = (cfg.steps - step - 1) * elapsed
-                log(f"step {step + 1}/{cfg.steps} loss {record['loss']:.4f} lr {lr:.2e} "
-                    f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
-                    + (f"mfu {100 * record['mfu']:.1f}% " if record["mfu"] is not None else "")
-                    + f"mem {record['peak_mem_bytes'] / 2**30:.2f}GiB "
-                    f"experts cv {record.get('expert_load_cv_mean', 0):.2f} eta {eta:.0f}s")
-        if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
-                                   client_state={"step": step + 1, "sampler": asdict(sampler.state),
-                                                 "model_config": asdict(model_cfg)})
+    with device_guard.track_host_tensors() if guard else contextlib.nullcontext():
+        for step in range(start, cfg.steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            losses, auxes, counts = [], [], None
+            for _ in range(cfg.parallel.grad_accum):
+                batch = loader.next_batch()
+                ids = torch.from_numpy(batch.input_ids).to(device)
+                targets = torch.from_numpy(batch.targets).to(device)
+                segment = torch.from_numpy(batch.segment).to(device) if cfg.data.pack == "boundaries" else None
+                # DeepSpeed holds the parameters in bf16 when bf16 is enabled (fp32 master copies in the optimizer)
+                out = engine(ids, segment=segment, output_router_logits=True, targets=targets,
+                             loss_chunk=cfg.parallel.loss_chunk_tokens)
+                lm = out.lm_loss
+                loss = lm
+                if out.aux_loss is not None:
+                    loss = loss + model_cfg.router_aux_loss_coef * out.aux_loss
+                    auxes.append(float(out.aux_loss))
+                if out.z_loss is not None:
+                    loss = loss + model_cfg.router_z_loss_coef * out.z_loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(lm))
+                counts = out.expert_counts
+            elapsed = time.perf_counter() - started
+            # on the engine's device: NCCL has no CPU tensors (train/device_guard.py checks this on CPU ranks)
+            mean_loss = torch.tensor(sum(losses) / len(losses), device=device)
+            torch.distributed.all_reduce(mean_loss)
+            record = {"step": step + 1, "loss": float(mean_loss) / world, "lr": lr,
+                      "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                      "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
+                      "aux_loss": sum(auxes) / len(auxes) if auxes else None, **expert_load(counts or [])}
+            record["model_flops_per_s"] = fpt * record["tokens_per_s"]
+            record["mfu"] = record["model_flops_per_s"] / (world * peak) if peak else None
+            record["peak_mem_bytes"] = memory.peak()
+            history.append(record)
+            if rank == 0:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                board.write(record)
+                if (step + 1) % cfg.log.every == 0:
+                    eta = (cfg.steps - step - 1) * elapsed
+                    log(f"step {step + 1}/{cfg.steps} loss {record['loss']:.4f} lr {lr:.2e} "
+                        f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
+                        + (f"mfu {100 * record['mfu']:.1f}% " if record["mfu"] is not None else "")
+                        + f"mem {record['peak_mem_bytes'] / 2**30:.2f}GiB "
+                        f"experts cv {record.get('expert_load_cv_mean', 0):.2f} eta {eta:.0f}s")
+            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
+                engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
+                                       client_state={"step": step + 1, "sampler": asdict(sampler.state),
+                                                     "model_config": asdict(model_cfg)})
     export_dir = export(engine.module, model_cfg, ckpt_dir / "final", rank)
     if rank == 0:
         log(f"exported {export_dir} (native) and {export_dir / 'hf'} (Hugging Face)")

@@ -50,9 +50,14 @@ class _Expert(nn.Module):
         super().__init__()
         self.gate_up = nn.Parameter(gate_up.detach().clone())
         self.down = nn.Parameter(down.detach().clone())
+        self.group_name = group_name
+        self.tag_parameters()
+
+    def tag_parameters(self) -> None:
+        """DeepSpeed's MoE marks; again after materialising from meta, which makes new Parameter objects."""
         for p in (self.gate_up, self.down):
             p.allreduce = False          # DeepSpeed: reduce over the expert-data-parallel group only
-            p.group_name = group_name
+            p.group_name = self.group_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)

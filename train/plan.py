@@ -172,12 +172,14 @@ def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: 
     terms["weights"] = a * local
     terms["master weights (fp32)"] = int(4 * partition)
     terms["Adam moments (fp32)"] = int(8 * partition)
+    # bf16 runs accumulate and reduce gradients in parallel.grad_reduce_dtype (fp32 by default)
+    g = 4 if p.dtype == "fp32" or p.grad_reduce_dtype == "fp32" else 2
     if p.zero_stage == 2:
-        terms["gradients (partition)"] = int(a * partition)
+        terms["gradients (partition)"] = int(g * partition)
     else:
-        terms["gradients"] = a * local
-    # contiguous gradient buckets never hold more than the rank's gradients
-    terms["reduction buckets"] = (2 if overlap else 1) * a * min(bucket, local)
+        terms["gradients"] = g * local
+    # contiguous gradient buckets (in the communication dtype) never hold more than the rank's gradients
+    terms["reduction buckets"] = (2 if overlap else 1) * g * min(bucket, local)
 
     T = p.micro_batch * cfg.data.seq_len
     boundaries = cfg.data.pack == "boundaries"
@@ -206,7 +208,8 @@ def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: 
     backward = states + grads + terms["reduction buckets"] + terms["activations"] \
         + terms["backward working set"] + terms.get("scan working set", 0) + terms.get("all-to-all buffers", 0) \
         + overhead
-    step = states + grads + int(4 * partition) + overhead   # fp32 partition gradients during the update
+    # bf16 gradients are converted to fp32 for the update; fp32 ones are used as they are
+    step = states + grads + (0 if g == 4 else int(4 * partition)) + overhead
     return MemoryPlan(world=world, ep_size=p.ep_size, dp_size=world, edp_size=edp, zero_stage=p.zero_stage,
                       dtype=p.dtype, tokens_per_micro_batch=T, capacity=capacity, params_dense=dense,
                       params_expert_local=expert_local, terms=terms, backward_peak=int(backward),

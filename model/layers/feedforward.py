@@ -80,8 +80,9 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.gate_up = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.ffn_dim, cfg.d_model))
         self.down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.ffn_dim))
-        nn.init.normal_(self.gate_up, std=cfg.init_std)
-        nn.init.normal_(self.down, std=cfg.init_std)
+        if not self.gate_up.is_meta:  # on meta, normal_ would load torch's meta kernels (~70 MB per process)
+            nn.init.normal_(self.gate_up, std=cfg.init_std)
+            nn.init.normal_(self.down, std=cfg.init_std)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.router(x)
