@@ -195,7 +195,8 @@ def test_ranks_hold_only_their_shard_at_start(clean_run, tmp_path):
     data = yaml.safe_load(config.read_text())
     data["init_from"] = str(tmp_path / "start")
     config.write_text(yaml.safe_dump(data))
-    run(config)
+    out = run(config)
+    assert "collective device guard on" in out
     shard = whole - experts // 2
     for rank in (0, 1):
         startup = json.loads((tmp_path / "shard" / "startup" / f"rank{rank}.json").read_text())
@@ -218,13 +219,16 @@ def test_expert_parallel_equals_none_at_world_4_with_zero2(clean_run, tmp_path, 
         run(train_config(tmp_path, clean_run[0], name, steps=4, seq_len=64, micro_batch=1, ep_size=ep,
                          zero_stage=2, dtype=dtype), ranks=4)
         runs[ep] = losses(tmp_path / name)
-    loss_tol, norm_tol = (1e-4, 1e-3) if dtype == "fp32" else (1e-2, 3e-2)
+    # measured: identical in fp32; in bf16 (fp32 reduction) 1e-5 relative in loss, 1e-4 in gradient norm
+    loss_tol, norm_tol = (1e-6, 1e-5) if dtype == "fp32" else (2e-4, 2e-3)
     for step in range(1, 5):
         a, b = runs[2][step], runs[1][step]
         print(dtype, step, a["loss"], b["loss"], a["grad_norm"], b["grad_norm"])
         assert abs(a["loss"] - b["loss"]) < loss_tol * abs(b["loss"]), (step, a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < norm_tol * b["grad_norm"], (step, a, b)
     assert runs[2][4]["loss"] < runs[2][1]["loss"]
+    startup = json.loads((tmp_path / f"w4-ep2-{dtype}" / "startup" / "rank3.json").read_text())
+    assert startup["gradient_reduction"] == {"accumulate": "float32", "communicate": "float32"}
 
 
 @pytest.mark.parametrize(("vocab", "variant"), [

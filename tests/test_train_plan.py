@@ -148,3 +148,50 @@ def test_scan_block_keeps_what_the_working_set_assumes(boundaries):
         _block(x, dt, A, B, C, h0, seg, seg[:, 0] if boundaries else None, 32)
     units = sum(seen.values()) / (b * d * L * n * 4)
     assert abs(units - (6.25 if boundaries else 5.25)) < 0.25
+
+
+@pytest.mark.parametrize(("zero", "refused"), [
+    ({"contiguous_gradients": False}, "zero_optimization.contiguous_gradients: False is refused"),
+    ({"reduce_scatter": False}, "zero_optimization.reduce_scatter: False is refused"),
+    ({"offload_optimizer": {"device": "cpu"}}, "zero_optimization.offload_optimizer"),
+])
+def test_settings_that_break_expert_gradient_reduction_are_refused(tmp_path, zero, refused):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000, **zero}}))
+    with pytest.raises(TrainConfigError, match=refused):
+        load_train_config(H100, {"parallel.deepspeed": str(ds)})
+
+
+def test_bf16_gradients_accumulate_and_reduce_in_fp32_unless_chosen(tmp_path):
+    from train.engine import deepspeed_config
+
+    ds = deepspeed_config(load_train_config(H100))
+    assert ds["communication_data_type"] == "fp32" and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    chosen = deepspeed_config(load_train_config(H100, {"parallel.grad_reduce_dtype": "bf16"}))
+    assert chosen["communication_data_type"] == "bf16" and chosen["data_types"]["grad_accum_dtype"] == "bf16"
+    # a DeepSpeed JSON may not say otherwise behind the YAML's back
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"communication_data_type": "bf16"}))
+    with pytest.raises(TrainConfigError, match="communication_data_type is 'bf16' in the JSON but 'fp32'"):
+        load_train_config(H100, {"parallel.deepspeed": str(path)})
+    # and the plan counts fp32 gradients (4 bytes per parameter of the partition under ZeRO-2)
+    cfg = load_train_config(H100)
+    fp32 = plan_memory(cfg, JambaConfig.from_yaml(cfg.model), 128).terms["gradients (partition)"]
+    cfg16 = load_train_config(H100, {"parallel.grad_reduce_dtype": "bf16"})
+    bf16 = plan_memory(cfg16, JambaConfig.from_yaml(cfg16.model), 128).terms["gradients (partition)"]
+    assert fp32 == pytest.approx(2 * bf16, rel=1e-6)
+
+
+def test_memory_check_plans_the_mamba_path_that_will_run():
+    from model.scan import kernels
+    from train.engine import mamba_kernels_will_run
+
+    concat = load_train_config(H100)                                        # pack: concat
+    boundaries = load_train_config(H100, {"data.pack": "boundaries"})
+    assert not mamba_kernels_will_run(boundaries, cuda=True)               # document resets: pure path
+    assert not mamba_kernels_will_run(concat, cuda=False)
+    assert mamba_kernels_will_run(concat, cuda=True) == (kernels() is not None)
+    model_cfg = JambaConfig.from_yaml(concat.model)
+    pure = plan_memory(concat, model_cfg, 128, kernels=False)
+    fast = plan_memory(concat, model_cfg, 128, kernels=True)
+    assert "scan working set" in pure.terms and "scan working set" not in fast.terms

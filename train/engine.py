@@ -216,6 +216,10 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg), dist_init_required=False)
+    startup["gradient_reduction"] = {"accumulate": str(engine.get_data_types()[1]).removeprefix("torch."),
+                                     "communicate": str(engine.communication_data_type).removeprefix("torch.")}
+    if guard and rank == 0:
+        log(f"collective device guard on ({device_guard.ENV}): every collective's tensors must be on {device}")
 
     sampler = MixtureSampler(streams, cfg.data.weights, cfg.data.seq_len, cfg.data.seed)
     loader = RankLoader(sampler, cfg.parallel.micro_batch, rank, world, tokenizer["eos_id"], cfg.data.pack)
