@@ -1,5 +1,5 @@
 """The GPU scripts on a machine without CUDA: each prints JSON saying why nothing was measured and exits with
-its documented status; the parity harness itself
+its documented status; gpu_check.sh's dry run writes every report and a summary; the parity harness itself
 runs on CPU (both sides pure) and catches a difference when there is one."""
 
 from __future__ import annotations
@@ -44,6 +44,24 @@ def test_without_cuda_scripts_report_why_and_exit_with_their_status(script, tmp_
     report = json.loads(required.stdout)
     assert report["error"].startswith("kernels required but unavailable: no CUDA device")
     assert "kernels required but unavailable" in required.stderr
+
+
+@no_cuda
+def test_gpu_check_dry_run_writes_every_report_and_a_summary(tmp_path):
+    done = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable})
+    assert done.returncode == 3, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpu_check.log", "model.json", "parity.json", "setup.json", "summary.json", "train.json"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "no CUDA device: nothing measured" and summary["exit"] == 3
+    assert summary["kernels_available"] is False and summary["kernels_reason"].startswith("no CUDA device")
+    assert summary["setup_actions"] == ["dry run: nothing installed, no registry asked"]
+    for step in ("parity", "model", "train"):
+        assert summary["steps"][step] == {"exit": 3, "seconds": summary["steps"][step]["seconds"],
+                                          "error": "no CUDA device: nothing measured"}
+        assert json.loads((tmp_path / f"{step}.json").read_text())["kernels_available"] is False
 
 
 def test_parity_harness_runs_every_check_on_cpu():
