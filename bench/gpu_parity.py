@@ -8,8 +8,8 @@ fixed random cotangents, and compares every output and every gradient:
 * causal_conv: ``MambaMixer._conv`` (``causal_conv1d_fn`` + SiLU) vs the model's pure depthwise conv, on the
   model's channel-last layout (a transposed half of in_proj's output) and on a contiguous one; gradients of
   x, weight, bias;
-* model: configs/model/jamba-small.yaml (jamba-tiny in the CPU self-test), LM + aux loss, gradient of every parameter, reported as the max
-  relative error per parameter group (layer index folded). The MoE routers replay the pure run's logits in
+* model: configs/model/jamba-small.yaml (jamba-tiny in the CPU self-test), LM + aux loss, gradient of every
+  parameter, reported as the max relative error per parameter group (layer index folded). The MoE routers replay the pure run's logits in
   the kernel run (values only; the gradient is the live router's): a near-tie between two experts must not
   move a token between experts, which would be a routing difference, not a kernel error. How many tokens
   would have flipped is reported.
@@ -57,6 +57,14 @@ SIZES = {  # (GPU, CPU self-test)
 }
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tolerance(check: str, dtype) -> float:
+    return TOLERANCE[dtype_name(dtype)][check]
+
+
 def rel_err(got, want) -> float:
     got, want = got.detach().float(), want.detach().float()
     diff, scale = float((got - want).abs().max()), float(want.abs().max())
@@ -78,10 +86,10 @@ def backward_fixed(torch, outputs, seed: int) -> None:
     loss.backward()
 
 
-def verdict(name: str, dtype, errors: dict[str, float], tolerance: float, **extra) -> dict:
+def verdict(name: str, dtype, errors: dict[str, float], limit: float, **extra) -> dict:
     worst = max(errors.values())
-    return {"check": name, "dtype": str(dtype).removeprefix("torch."), "tolerance": tolerance,
-            "max_rel_err": worst, "passed": math.isfinite(worst) and worst <= tolerance,
+    return {"check": name, "dtype": dtype_name(dtype), "tolerance": limit,
+            "max_rel_err": worst, "passed": math.isfinite(worst) and worst <= limit,
             "errors": errors, **extra}
 
 
@@ -118,7 +126,7 @@ def check_selective_scan(torch, device, dtype, b: int, d: int, n: int, L: int) -
         backward_fixed(torch, [y], seed=1)
         return {"y": y, "last_state": last}, {k: v.grad for k, v in t.items()}
 
-    return verdict("selective_scan", dtype, compare(run), TOLERANCE[str(dtype)[6:]]["selective_scan"],
+    return verdict("selective_scan", dtype, compare(run), tolerance("selective_scan", dtype),
                    shape={"b": b, "d": d, "n": n, "L": L},
                    kernel_path_used=scan.use_kernels(base["x"], None, True))
 
@@ -154,7 +162,7 @@ def check_causal_conv(torch, device, dtype, b: int, d_inner: int, L: int) -> dic
         return outs, {"x_model_layout": xz.grad, "x_contiguous": x.grad,
                       "weight": mixer.conv1d.weight.grad, "bias": mixer.conv1d.bias.grad}
 
-    return verdict("causal_conv", dtype, compare(run), TOLERANCE[str(dtype)[6:]]["causal_conv"],
+    return verdict("causal_conv", dtype, compare(run), tolerance("causal_conv", dtype),
                    shape={"b": b, "d_inner": d_inner, "L": L, "k": mixer.d_conv},
                    kernel_path_used=scan.use_kernels(x0, None, True))
 
@@ -248,7 +256,7 @@ def check_model(torch, device, dtype, model, config: str, batch: int, seq: int) 
              "routers_pinned": pin.routers, "tokens_routed_differently_unpinned": flips,
              "pure_rerun_max_rel_err": rerun, "params_missing_grad_on_one_path": missing,
              "kernel_path_used": scan.use_kernels(ids.float(), None, True)}
-    return verdict("model", dtype, errors, TOLERANCE[str(dtype)[6:]]["model"], **extra)
+    return verdict("model", dtype, errors, tolerance("model", dtype), **extra)
 
 
 def run_checks(torch, device, selftest: bool = False, checks: list | None = None) -> list[dict]:
