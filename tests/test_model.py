@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from model import Jamba, JambaConfig, ModelConfigError
+from model.cache import KVState
 from model.generate import generate, sample_next
 from model.layers import feedforward
 from model.params import count_parameters
@@ -46,17 +48,43 @@ def test_hf_config_round_trip():
 
 
 @pytest.mark.parametrize("prefill", [1, 3, 7])
-def test_incremental_decoding_equals_full_forward(prefill):
+@pytest.mark.parametrize("chunks,scan_chunk", [
+    ([1] * 12, 32),                  # one-token decoding steps
+    ([2, 1, 3, 7, 1, 2], 32),        # warm-cache calls of several tokens, mixed with single ones
+    ([7, 3, 1, 2, 7], 4),            # continuations spanning several scan chunks
+])
+def test_incremental_decoding_equals_full_forward(prefill, chunks, scan_chunk):
+    """Prefill, then continue in chunks of tokens: every position's logits and the final cache equal one
+    forward (and one prefill) over the whole sequence."""
     torch.manual_seed(0)
-    model = Jamba(tiny()).eval()
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 19))
+    model = Jamba(replace(tiny(), scan_chunk=scan_chunk)).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, prefill + sum(chunks)))
     with torch.no_grad():
         full = model(ids).logits
+        whole = model.new_cache()
+        model(ids, cache=whole)
         cache = model.new_cache()
         parts = [model(ids[:, :prefill], cache=cache).logits]
-        for t in range(prefill, ids.shape[1]):
-            parts.append(model(ids[:, t:t + 1], cache=cache).logits)
+        start = prefill
+        for n in chunks:
+            parts.append(model(ids[:, start:start + n], cache=cache).logits)
+            start += n
     assert ((torch.cat(parts, 1) - full).abs().max() / full.abs().max()).item() < 1e-5
+    assert cache.seen == whole.seen == ids.shape[1]
+    for got, want in zip(cache.layers, whole.layers):
+        names = ("k", "v") if isinstance(got, KVState) else ("conv", "ssm")
+        for name in names:
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
+def test_continuing_a_cache_with_segments_is_refused():
+    model = Jamba(tiny()).eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 2048, (1, 4)), cache=cache)
+        with pytest.raises(ValueError, match="segment: not supported"):
+            model(torch.randint(0, 2048, (1, 3)), cache=cache, segment=torch.zeros(1, 3, dtype=torch.long))
 
 
 def _dense_experts(x, idx, weights, gate_up, down):
