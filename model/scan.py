@@ -209,19 +209,21 @@ def use_kernels(x: torch.Tensor, segment, want: bool) -> bool:
 
 
 def selective_scan(x, dt_raw, dt_bias, A, B, C, D, z=None, segment=None, chunk: int = 32,
-                   use_cuda_kernels: bool = True):
+                   use_cuda_kernels: bool = True, h0: torch.Tensor | None = None):
     """y = scan(...) * silu(z); ``dt_raw`` is dt_proj's output without bias (softplus applied here).
 
     On CUDA with mamba-ssm installed (and no document resets) this is ``selective_scan_fn`` with the bias
-    and softplus fused; elsewhere the chunked pure-PyTorch scan. Returns (y [b, d, L], h_last [b, d, n]).
+    and softplus fused; elsewhere the chunked pure-PyTorch scan. ``h0`` [b, d, n] is the state entering the
+    sequence (a warm decoding cache); ``selective_scan_fn`` takes no initial state, so with one the pure
+    path runs. Returns (y [b, d, L], h_last [b, d, n]).
     """
-    if use_kernels(x, segment, use_cuda_kernels):
+    if h0 is None and use_kernels(x, segment, use_cuda_kernels):
         fn = kernels()["selective_scan_fn"]
         y, last = fn(x, dt_raw, A, B, C, D.float(), z=z, delta_bias=dt_bias.float(), delta_softplus=True,
                      return_last_state=True)
         return y, last
     dt = F.softplus(dt_raw.float() + dt_bias.float()[None, :, None])
-    y, h = chunked_scan(x, dt, A, B, C, D, segment=segment, chunk=chunk)
+    y, h = chunked_scan(x, dt, A, B, C, D, h0=h0, segment=segment, chunk=chunk)
     if z is not None:
         y = y * F.silu(z.float()).to(y.dtype)
     return y, h
