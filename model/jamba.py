@@ -44,12 +44,11 @@ class JambaLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe(index) else MLP(cfg)
 
-    def forward(self, h: torch.Tensor, segment: torch.Tensor | None = None, state=None, decode: bool = False):
+    def forward(self, h: torch.Tensor, segment: torch.Tensor | None = None, state=None):
+        """A cache ``state`` that already holds earlier tokens is continued from, for any number of tokens."""
         x = self.input_layernorm(h)
         if self.kind == "attention":
             x = self.self_attn(x, segment=segment, kv=state)
-        elif decode:
-            x = self.mamba.step(x, state)
         else:
             x = self.mamba(x, segment=segment, state=state)
         h = h + x
@@ -99,19 +98,22 @@ class Jamba(nn.Module):
         > 0 the loss is computed ``loss_chunk`` tokens at a time and no full logits tensor is made.
 
         ``segment`` [b, L]: document ids of a packed sequence; attention stays within a document and the
-        pure-PyTorch Mamba path resets its state at each new document. ``cache``: prefill or decode.
+        pure-PyTorch Mamba path resets its state at each new document. ``cache``: an empty one is filled
+        (prefill); one that has seen tokens is continued from, one token or many at a time, with the same
+        logits and the same final cache as one forward over all the tokens.
         ``logits_to_keep`` > 0: logits for the last that many positions only (HF's ``num_logits_to_keep``;
         a prefill for generation needs one, and all of them would be ``L x vocab``).
         """
-        decode = cache is not None and cache.seen > 0
+        if segment is not None and cache is not None and cache.seen > 0:
+            raise ValueError("segment: not supported when continuing from a cache (cache.seen > 0)")
         h = self.embed_tokens(input_ids)
         router_logits, counts = [], []
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h, logits, count = checkpoint(layer, h, segment, state, decode, use_reentrant=False)
+                h, logits, count = checkpoint(layer, h, segment, state, use_reentrant=False)
             else:
-                h, logits, count = layer(h, segment, state, decode)
+                h, logits, count = layer(h, segment, state)
             if logits is not None:
                 router_logits.append(logits)
                 counts.append(count)

@@ -22,6 +22,9 @@ contribution crosses from one segment to the next.
 
 from __future__ import annotations
 
+import importlib
+from importlib import metadata
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -152,20 +155,53 @@ def step(x, dt, A, B, C, D, h):
 
 # ---------------------------------------------------------------------------------------- dispatch
 _KERNELS: dict[str, object] | None = None
+_KERNEL_REASON = ""
+
+
+def _import_kernel(package: str, module: str, name: str) -> tuple[object | None, str]:
+    """One kernel function, or None and why not (a missing package reads differently from a broken one)."""
+    try:
+        return getattr(importlib.import_module(module), name), ""
+    except ModuleNotFoundError as exc:
+        if exc.name == module.split(".")[0]:
+            return None, f"{package} not installed"
+        return None, f"{package} failed to import: ModuleNotFoundError: {exc}"
+    except Exception as exc:  # ImportError of the compiled extension, an undefined symbol, a CUDA error
+        return None, f"{package} failed to import: {type(exc).__name__}: {exc}"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def _load_kernels() -> tuple[dict[str, object], str]:
+    if not torch.cuda.is_available():
+        # mamba-ssm <= 2.3.2.post1 cannot even be imported without its CUDA extension: don't try.
+        return {}, f"no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda})"
+    conv, conv_why = _import_kernel("causal-conv1d", "causal_conv1d", "causal_conv1d_fn")
+    ssm, ssm_why = _import_kernel("mamba-ssm", "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+    if conv is None or ssm is None:
+        return {}, "; ".join(why for why in (ssm_why, conv_why) if why)
+    found = f"mamba-ssm {_version('mamba-ssm')}, causal-conv1d {_version('causal-conv1d')}"
+    return {"selective_scan_fn": ssm, "causal_conv1d_fn": conv}, found
+
+
+def kernel_status() -> tuple[bool, str]:
+    """(available, reason): why the CUDA kernels are not used here, or which versions are when they are."""
+    global _KERNELS, _KERNEL_REASON
+    if _KERNELS is None:
+        _KERNELS, _KERNEL_REASON = _load_kernels()
+    return bool(_KERNELS), _KERNEL_REASON
 
 
 def kernels() -> dict[str, object] | None:
-    """mamba-ssm / causal-conv1d CUDA kernels, imported lazily; None when they are not usable here."""
-    global _KERNELS
-    if _KERNELS is None:
-        try:
-            from causal_conv1d import causal_conv1d_fn
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-            _KERNELS = {"selective_scan_fn": selective_scan_fn, "causal_conv1d_fn": causal_conv1d_fn}
-        except Exception:  # ImportError, or the compiled extension failing to load on a CPU machine
-            _KERNELS = {}
-    return _KERNELS or None
+    """mamba-ssm / causal-conv1d CUDA kernels, imported lazily; None when they are not usable here
+    (``kernel_status()`` says why)."""
+    available, _ = kernel_status()
+    return _KERNELS if available else None
 
 
 def use_kernels(x: torch.Tensor, segment, want: bool) -> bool:
@@ -173,19 +209,21 @@ def use_kernels(x: torch.Tensor, segment, want: bool) -> bool:
 
 
 def selective_scan(x, dt_raw, dt_bias, A, B, C, D, z=None, segment=None, chunk: int = 32,
-                   use_cuda_kernels: bool = True):
+                   use_cuda_kernels: bool = True, h0: torch.Tensor | None = None):
     """y = scan(...) * silu(z); ``dt_raw`` is dt_proj's output without bias (softplus applied here).
 
     On CUDA with mamba-ssm installed (and no document resets) this is ``selective_scan_fn`` with the bias
-    and softplus fused; elsewhere the chunked pure-PyTorch scan. Returns (y [b, d, L], h_last [b, d, n]).
+    and softplus fused; elsewhere the chunked pure-PyTorch scan. ``h0`` [b, d, n] is the state entering the
+    sequence (a warm decoding cache); ``selective_scan_fn`` takes no initial state, so with one the pure
+    path runs. Returns (y [b, d, L], h_last [b, d, n]).
     """
-    if use_kernels(x, segment, use_cuda_kernels):
+    if h0 is None and use_kernels(x, segment, use_cuda_kernels):
         fn = kernels()["selective_scan_fn"]
         y, last = fn(x, dt_raw, A, B, C, D.float(), z=z, delta_bias=dt_bias.float(), delta_softplus=True,
                      return_last_state=True)
         return y, last
     dt = F.softplus(dt_raw.float() + dt_bias.float()[None, :, None])
-    y, h = chunked_scan(x, dt, A, B, C, D, segment=segment, chunk=chunk)
+    y, h = chunked_scan(x, dt, A, B, C, D, h0=h0, segment=segment, chunk=chunk)
     if z is not None:
         y = y * F.silu(z.float()).to(y.dtype)
     return y, h

@@ -309,6 +309,9 @@ class ShardReader:
             raise ValueError(f"{self.path}: not a jamba-pretrain shard of format {', '.join(map(str, READABLE_VERSIONS))}")
         self.vocab_size = int(self.metadata["vocab_size"])
         self.eos_id = int(self.metadata["eos_id"])
+        # batch index -> batch_tokens(index): views into the map, kept so that a trainer reading many
+        # windows of one batch does not decode its IPC message and rebase its offsets every time
+        self._tokens: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def num_batches(self) -> int:
@@ -332,13 +335,20 @@ class ShardReader:
         """Record batch ``index``: (all token ids concatenated, document boundary offsets), zero-copy.
 
         ``offsets`` has one more entry than there are documents; document ``i`` is
-        ``tokens[offsets[i]:offsets[i+1]]`` and ends with EOS. Offsets are rebased to start at 0.
+        ``tokens[offsets[i]:offsets[i+1]]`` and ends with EOS. Offsets are rebased to start at 0. Computed
+        once per batch and kept until ``close``; both arrays are read-only.
         """
+        cached = self._tokens.get(index)
+        if cached is not None:
+            return cached
         col = self._reader.get_batch(index).column("tokens")
         offsets = col.offsets.to_numpy(zero_copy_only=True)
         values = col.values.to_numpy(zero_copy_only=True)
         start, end = int(offsets[0]), int(offsets[-1])
-        return values[start:end], offsets - start
+        rebased = offsets - start
+        rebased.flags.writeable = False   # shared by every caller
+        cached = self._tokens[index] = (values[start:end], rebased)
+        return cached
 
     def token_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``batch_tokens`` for every record batch, in order."""
@@ -367,6 +377,8 @@ class ShardReader:
                 yield doc_id, kind, values[offsets[i]:offsets[i + 1]]
 
     def close(self) -> None:
+        # the map is released when the last buffer into it is gone: drop the views kept here
+        self._tokens.clear()
         self._source.close()
 
     def __enter__(self) -> ShardReader:

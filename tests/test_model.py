@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from model import Jamba, JambaConfig, ModelConfigError
+from model.cache import KVState
 from model.generate import generate, sample_next
+from model.layers import feedforward
 from model.params import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,17 +48,123 @@ def test_hf_config_round_trip():
 
 
 @pytest.mark.parametrize("prefill", [1, 3, 7])
-def test_incremental_decoding_equals_full_forward(prefill):
+@pytest.mark.parametrize("chunks,scan_chunk", [
+    ([1] * 12, 32),                  # one-token decoding steps
+    ([2, 1, 3, 7, 1, 2], 32),        # warm-cache calls of several tokens, mixed with single ones
+    ([7, 3, 1, 2, 7], 4),            # continuations spanning several scan chunks
+])
+def test_incremental_decoding_equals_full_forward(prefill, chunks, scan_chunk):
+    """Prefill, then continue in chunks of tokens: every position's logits and the final cache equal one
+    forward (and one prefill) over the whole sequence."""
     torch.manual_seed(0)
-    model = Jamba(tiny()).eval()
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 19))
+    model = Jamba(replace(tiny(), scan_chunk=scan_chunk)).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, prefill + sum(chunks)))
     with torch.no_grad():
         full = model(ids).logits
+        whole = model.new_cache()
+        model(ids, cache=whole)
         cache = model.new_cache()
         parts = [model(ids[:, :prefill], cache=cache).logits]
-        for t in range(prefill, ids.shape[1]):
-            parts.append(model(ids[:, t:t + 1], cache=cache).logits)
+        start = prefill
+        for n in chunks:
+            parts.append(model(ids[:, start:start + n], cache=cache).logits)
+            start += n
     assert ((torch.cat(parts, 1) - full).abs().max() / full.abs().max()).item() < 1e-5
+    assert cache.seen == whole.seen == ids.shape[1]
+    for got, want in zip(cache.layers, whole.layers):
+        names = ("k", "v") if isinstance(got, KVState) else ("conv", "ssm")
+        for name in names:
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
+def test_continuing_a_cache_with_segments_is_refused():
+    model = Jamba(tiny()).eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 2048, (1, 4)), cache=cache)
+        with pytest.raises(ValueError, match="segment: not supported"):
+            model(torch.randint(0, 2048, (1, 3)), cache=cache, segment=torch.zeros(1, 3, dtype=torch.long))
+
+
+def _dense_experts(x, idx, weights, gate_up, down):
+    """Reference MoE: every expert on every token, then each token sums its k picks."""
+    half = gate_up.shape[1] // 2
+    h = torch.einsum("td,efd->tef", x, gate_up)
+    y_all = torch.einsum("tef,edf->ted", torch.nn.functional.silu(h[..., :half]) * h[..., half:], down)
+    picked = torch.gather(y_all, 1, idx[..., None].expand(-1, -1, x.shape[1]))     # [T, k, d]
+    return (weights[..., None] * picked).sum(1)
+
+
+def _autograd_nodes(t: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("dims", [(64, 96), (12, 10)])  # (d, F); 12 x 4 bytes is not 16-aligned: loop path
+def test_experts_match_a_dense_reference_in_values_and_gradients(path, dims, monkeypatch):
+    if path == "loop":
+        monkeypatch.setattr(feedforward, "_grouped_mm_ok", lambda *args: False)
+    torch.manual_seed(0)
+    d, f, E, k, T = *dims, 5, 2, 37
+    x = torch.randn(T, d, requires_grad=True)
+    router = (torch.randn(E, d) * 0.5).requires_grad_()
+    gate_up = (torch.randn(E, 2 * f, d) * 0.2).requires_grad_()
+    down = (torch.randn(E, d, f) * 0.2).requires_grad_()
+    probs = torch.softmax(x @ router.T, dim=-1)
+    # the last expert is never picked: its gradient must be zero (not missing), as before
+    idx = torch.topk(probs.detach().masked_fill(torch.arange(E) == E - 1, -1.0), k, dim=-1).indices
+    weights = torch.gather(probs, 1, idx)
+    out = feedforward.experts_forward(x, idx, weights, gate_up, down)
+    # no per-expert select on the stacked weights: its backward zero-fills a full [E, ...] gradient
+    nodes = _autograd_nodes(out)
+    assert "SelectBackward0" not in nodes
+    uses_grouped = any("GroupedMm" in n for n in nodes)
+    assert uses_grouped == (path == "grouped_mm" and dims == (64, 96) and hasattr(torch.nn.functional, "grouped_mm"))
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, router, gate_up, down), g)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, router, gate_up, down)]
+    p64 = torch.softmax(leaves64[0] @ leaves64[1].T, dim=-1)
+    ref = _dense_experts(leaves64[0], idx, torch.gather(p64, 1, idx), leaves64[2], leaves64[3])
+    want = torch.autograd.grad(ref, leaves64, g.double())
+    def rel(a, b):  # float32 against a float64 reference
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    assert rel(out, ref) < 1e-6
+    for name, a, b in zip(("x", "router", "gate_up", "down"), got, want):
+        assert rel(a, b) < 1e-6, name
+    assert torch.count_nonzero(got[2][E - 1]) == 0 and torch.count_nonzero(got[3][E - 1]) == 0
+    assert torch.count_nonzero(got[2][0]) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_mm_on_cuda_matches_the_per_expert_loop_in_bf16(monkeypatch):
+    torch.manual_seed(0)
+    d, f, E, k, T = 256, 512, 8, 2, 1000
+    leaves = [torch.randn(T, d), torch.randn(E, 2 * f, d) * 0.05, torch.randn(E, d, f) * 0.05]
+    leaves = [t.cuda().bfloat16().requires_grad_() for t in leaves]
+    idx = torch.randint(0, E - 1, (T, k), device="cuda")      # the last expert gets no tokens
+    weights = torch.rand(T, k, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for path in ("grouped_mm", "loop"):
+        if path == "loop":
+            monkeypatch.setattr(feedforward, "_grouped_mm_ok", lambda *args: False)
+        out = feedforward.experts_forward(leaves[0], idx, weights, leaves[1], leaves[2])
+        if path == "grouped_mm":
+            assert any("GroupedMm" in n for n in _autograd_nodes(out)) == (
+                torch.cuda.get_device_capability() >= (8, 0))
+        results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
+    for a, b in zip(*results):
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 2e-2
+    assert torch.count_nonzero(results[0][2][E - 1]) == 0 and torch.count_nonzero(results[0][3][E - 1]) == 0
 
 
 def test_cache_memory_grows_only_in_attention_layers():

@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.scan import chunked_scan, selective_scan, sequential_scan, step
+from model.scan import (
+    _import_kernel,
+    chunked_scan,
+    kernel_status,
+    kernels,
+    selective_scan,
+    sequential_scan,
+    step,
+)
 
 
 def inputs(b, d, n, L, seed=0, dt_scale=1.0, dtype=torch.float32):
@@ -108,3 +116,23 @@ def test_chunked_memory_does_not_scale_with_full_sequence_state():
     with Spy():
         chunked_scan(x, dt, A, B, C, D, chunk=32, block=256)
     assert max(seen) < 4 * 2 * 2048  # [b, d, L, n] would be 16,384 elements
+
+
+def test_kernel_status_says_why_kernels_are_not_used():
+    available, reason = kernel_status()
+    if not torch.cuda.is_available():
+        assert not available and kernels() is None and reason.startswith("no CUDA device")
+    else:  # on a GPU machine: either the versions in use, or what failed to import
+        assert available == (kernels() is not None) and reason
+
+
+def test_kernel_import_reasons_tell_missing_from_broken(tmp_path, monkeypatch):
+    (tmp_path / "broken_kernel_pkg").mkdir()
+    (tmp_path / "broken_kernel_pkg" / "__init__.py").write_text("raise ImportError('libcudart.so.12: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn, why = _import_kernel("broken-kernel-pkg", "broken_kernel_pkg.ops", "fn")
+    assert fn is None and why == "broken-kernel-pkg failed to import: ImportError: libcudart.so.12: cannot open"
+    fn, why = _import_kernel("absent-kernel-pkg", "absent_kernel_pkg_xyz.ops", "fn")
+    assert fn is None and why == "absent-kernel-pkg not installed"
+    fn, why = _import_kernel("json", "json", "dumps")
+    assert fn is not None and why == ""

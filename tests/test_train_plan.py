@@ -33,7 +33,7 @@ def _saved_bytes_per_token(layer, h, segment) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(h, segment, None, False)
+        layer(h, segment, None)
     return sum(seen.values()) / (h.shape[0] * h.shape[1])
 
 

@@ -1,8 +1,9 @@
 """Feed-forward layers: the dense SwiGLU MLP, and Jamba's mixture of experts.
 
 MoE semantics (Jamba / Hugging Face): router logits -> softmax in float32 -> top-k; the k weights are
-*not* renormalised; every token goes to its k experts (no capacity, no dropping, no sampling). Tokens are
-sorted by expert and each expert runs one matmul over its contiguous slice. The load-balancing loss is
+*not* renormalised; every token goes to its k experts (no capacity, no dropping, no sampling). Token slots
+are sorted by expert; each projection is one grouped GEMM over them (``F.grouped_mm``) where torch has one
+for the device and dtype, else one matmul per expert over its contiguous slice. The load-balancing loss is
 Hugging Face's (``E * sum_e f_e * P_e`` over all MoE layers; 2.0 for balanced top-2); an optional router
 z-loss is available. Per-expert token counts are returned for metrics.
 
@@ -39,10 +40,60 @@ class RouterOutput:
     counts: torch.Tensor          # [E] tokens routed to each expert (top-k slots)
 
 
+def _grouped_mm_ok(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` can run both expert matmuls here; elsewhere the per-expert loop does.
+
+    Its limits (torch 2.13): float32/bfloat16/float16 on CPU (bfloat16 on CUDA from SM 8.0), at least one
+    token, every row stride a multiple of 16 bytes, and no autocast (it is not on autocast's cast lists).
+    """
+    if not hasattr(F, "grouped_mm") or xs.shape[0] == 0 or torch.is_autocast_enabled(xs.device.type):
+        return False
+    if not (xs.dtype == gate_up.dtype == down.dtype and gate_up.is_contiguous() and down.is_contiguous()):
+        return False
+    if xs.device.type == "cpu":
+        dtype_ok = xs.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    elif xs.device.type == "cuda":
+        dtype_ok = xs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(xs.device) >= (8, 0)
+    else:
+        dtype_ok = False
+    size = xs.element_size()
+    return dtype_ok and (xs.shape[1] * size) % 16 == 0 and (down.shape[2] * size) % 16 == 0
+
+
+def _expert_loop(xs: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
+                 gate_up_scale: torch.Tensor | None, down_scale: torch.Tensor | None) -> torch.Tensor:
+    """One pair of matmuls per expert over its contiguous slice of the sorted token slots.
+
+    The weights are split once with ``unbind``: its backward stacks the per-expert gradients into one
+    buffer (zeros for an expert without tokens). Indexing ``gate_up[e]`` instead would give each expert a
+    ``select`` backward that allocates and zero-fills a full ``[E, ...]`` gradient, 2E of them per layer.
+    """
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        chunk = xs[start:start + n]
+        if gate_up_scale is None:
+            gate, up = F.linear(chunk, gate_ups[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, downs[e]))
+        else:  # int8: cast one expert at a time, never a float copy of all experts
+            dtype = chunk.dtype
+            gate, up = (F.linear(chunk, gate_ups[e].to(dtype)) * gate_up_scale[e].to(dtype)).chunk(2, -1)
+            outs.append(F.linear(F.silu(gate) * up, downs[e].to(dtype)) * down_scale[e].to(dtype))
+        start += n
+    return torch.cat(outs) if outs else xs.new_zeros(0, down.shape[1])
+
+
 def experts_forward(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                     down: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
                     down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped expert compute. x [T, d]; expert_idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F].
+
+    Where ``F.grouped_mm`` is usable (``_grouped_mm_ok``) each projection is one grouped GEMM over the
+    sorted slots, and its backward writes each weight gradient straight into one ``[E, ...]`` tensor;
+    otherwise a per-expert loop computes the same products.
 
     With ``gate_up_scale [E, 2F]`` and ``down_scale [E, d]`` the weights are int8 (``model/quant.py``):
     each matmul runs on the integer weights cast to x's dtype and its output channels are then scaled.
@@ -52,22 +103,14 @@ def experts_forward(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Te
     flat = expert_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token_of = order // k
-    counts = torch.bincount(flat, minlength=E).tolist()
+    counts = torch.bincount(flat, minlength=E)
     xs = x[token_of]
-    outs = []
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        chunk = xs[start:start + n]
-        if gate_up_scale is None:
-            gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, down[e]))
-        else:
-            gate, up = (F.linear(chunk, gate_up[e].to(chunk.dtype)) * gate_up_scale[e].to(chunk.dtype)).chunk(2, -1)
-            outs.append(F.linear(F.silu(gate) * up, down[e].to(chunk.dtype)) * down_scale[e].to(chunk.dtype))
-        start += n
-    ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+    if gate_up_scale is None and _grouped_mm_ok(xs, gate_up, down):
+        offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slots; no host sync needed
+        gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        ys = F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+    else:
+        ys = _expert_loop(xs, counts.tolist(), gate_up, down, gate_up_scale, down_scale)
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
     out = torch.zeros_like(x)
     return out.index_add(0, token_of, ys.to(x.dtype))

@@ -77,21 +77,42 @@ class MambaMixer(nn.Module):
         dt_raw = F.linear(dt, self.dt_proj.weight)                                # bias added inside the scan
         return dt_raw.transpose(1, 2), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
 
+    def _conv_continue(self, x: torch.Tensor, state) -> torch.Tensor:
+        """Causal conv + SiLU of new inputs x [b, d_inner, L] that follow the cached ones; updates the cache.
+
+        The cache holds the last ``d_conv`` inputs; the first output needs the last ``d_conv - 1`` of them,
+        which is what a full forward's conv would read there.
+        """
+        xx = torch.cat([state.conv.to(x.dtype), x], dim=-1)
+        state.conv = xx[..., -self.d_conv:].detach().clone()  # a copy: the slice would keep xx alive
+        return F.silu(F.conv1d(xx[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+
     # ------------------------------------------------------------------ forward
     def forward(self, h: torch.Tensor, segment: torch.Tensor | None = None, state=None) -> torch.Tensor:
-        """h [b, L, d_model]. ``state`` (a ``MambaState``) is filled for later decoding when given."""
+        """h [b, L, d_model]. ``state`` (a ``MambaState``): when empty it is filled for later decoding
+        (prefill); when it holds an earlier call's conv inputs and SSM state (``state.ssm`` set) this call
+        continues from them, for any L, as if both calls had been one sequence, and leaves the state a
+        prefill of the whole sequence would."""
         b, L, _ = h.shape
+        warm = state is not None and state.ssm is not None
+        if warm and segment is not None:
+            raise ValueError("segment: not supported when continuing from a warm Mamba state")
+        if warm and L == 1:
+            return self.step(h, state)  # the recurrence itself: cheaper than the chunked scan for one token
         xz = self.in_proj(h)
         x, z = xz.chunk(2, dim=-1)
         x_t = x.transpose(1, 2)                                                    # [b, d_inner, L]
-        if state is not None:  # the last d_conv conv inputs, left-padded with zeros for short prompts
-            state.conv = F.pad(x_t, (max(0, self.d_conv - L), 0))[..., -self.d_conv:].detach().clone()
-        xc = self._conv(x_t, segment)
+        if warm:
+            xc = self._conv_continue(x_t, state)
+        else:
+            if state is not None:  # the last d_conv conv inputs, left-padded with zeros for short prompts
+                state.conv = F.pad(x_t, (max(0, self.d_conv - L), 0))[..., -self.d_conv:].detach().clone()
+            xc = self._conv(x_t, segment)
         dt_raw, B, C = self._ssm_inputs(xc.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y, last = scan.selective_scan(xc, dt_raw, self.dt_proj.bias, A, B, C, self.D, z=z.transpose(1, 2),
                                       segment=segment, chunk=self.cfg.scan_chunk,
-                                      use_cuda_kernels=self.use_cuda_kernels)
+                                      use_cuda_kernels=self.use_cuda_kernels, h0=state.ssm if warm else None)
         if state is not None:
             state.ssm = last.float()
         return self.out_proj(y.transpose(1, 2).to(h.dtype))
