@@ -59,6 +59,15 @@ def preflight(report: dict, require_kernels: bool) -> int | None:
     return status
 
 
+def run_checked(report: dict, require_kernels: bool, path: Path | None, body) -> int:
+    """A GPU script's main: stop with the preflight's status (and the JSON saying why), else ``guarded``."""
+    status = preflight(report, require_kernels)
+    if status is not None:
+        emit(report, path)
+        return status
+    return guarded(report, path, body)
+
+
 def guarded(report: dict, path: Path | None, body) -> int:
     """``body()``'s exit status; if it raises, the JSON still comes out, with the error and whatever
     ``body`` had put in ``report`` (a crash must not read like a parity failure: Python's own status is 1)."""

@@ -23,8 +23,7 @@ from gpu_common import (
     build_model,
     emit,
     environment,
-    guarded,
-    preflight,
+    run_checked,
 )
 
 
@@ -66,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {"script": "gpu_model", **environment(),
                     "config": {k: str(v) if k == "json" else v for k, v in vars(args).items()}}
-    status = preflight(report, args.require_kernels)
-    if status is not None:
-        emit(report, args.json)
-        return status
-    return guarded(report, args.json, lambda: measure(torch, args, report))
+    return run_checked(report, args.require_kernels, args.json, lambda: measure(torch, args, report))
 
 
 def measure(torch, args, report: dict) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from gpu_common import EXIT_OK, ROOT, add_common_args, build_model, emit, environment, guarded, preflight
+from gpu_common import EXIT_OK, ROOT, add_common_args, build_model, emit, environment, run_checked
 
 
 def planned_activation_bytes(cfg, args, kernels: bool) -> tuple[int | None, str]:
@@ -51,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report: dict = {"script": "gpu_train", **environment()}
-    status = preflight(report, args.require_kernels)
-    if status is not None:
-        emit(report, args.json)
-        return status
-    return guarded(report, args.json, lambda: measure(torch, args, report))
+    return run_checked(report, args.require_kernels, args.json, lambda: measure(torch, args, report))
 
 
 def measure(torch, args, report: dict) -> int:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -227,9 +228,7 @@ def main() -> int:
         "whole_step_samples_per_s": whole["samples_per_s"],
         "whole_step_ratio_to_global_need": whole["samples_per_s"] / need["samples_per_s_global"],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

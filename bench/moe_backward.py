@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -164,9 +166,7 @@ def main() -> int:
     result = {"tokens": args.tokens, "d_model": args.d_model, "ffn": args.ffn, "experts": args.experts,
               "top_k": args.top_k, "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
               "grouped_mm_available": hasattr(torch.nn.functional, "grouped_mm"), "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

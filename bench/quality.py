@@ -16,7 +16,6 @@ Results go to bench/results/quality.json; docs/benchmarks.md records them with t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -117,9 +117,7 @@ def main() -> int:
                                    "score_stage_unit": round(mb / t_stage, 2)},
         "ratio_vs_raw": {"quality_model_score": round(t_raw / t_ours, 3), "score_stage_unit": round(t_raw / t_stage, 3)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -75,9 +77,7 @@ def main() -> int:
         "peak_mem_mib": max(r["peak_mem_bytes"] for r in records) / 2**20,
         "loss_first_last": [records[0]["loss"], records[-1]["loss"]],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 
