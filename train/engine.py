@@ -159,6 +159,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
     from model import Jamba, JambaConfig
     from model.flops import training_flops_per_token
+    from train.checkpoint import prune_checkpoints
     from train.data import MixtureSampler, RankLoader, SamplerState, load_streams
     from train.expert_parallel import apply_expert_parallel
 
@@ -264,6 +265,11 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
                                    client_state={"step": step + 1, "sampler": asdict(sampler.state),
                                                  "model_config": asdict(model_cfg)})
+            # every rank's files of the new tag are written (and `latest` names it) before any tag is deleted
+            torch.distributed.barrier()
+            if rank == 0:
+                for removed in prune_checkpoints(ckpt_dir, cfg.checkpoint.keep):
+                    log(f"removed checkpoint {removed} (checkpoint.keep: {cfg.checkpoint.keep})")
     export_dir = export(engine.module, model_cfg, ckpt_dir / "final", rank)
     if rank == 0:
         log(f"exported {export_dir} (native) and {export_dir / 'hf'} (Hugging Face)")
