@@ -41,6 +41,7 @@ demo: install
 	@echo "== training a tiny Jamba on $(DEMO_OUT) with DeepSpeed: 2 CPU ranks, experts split over both =="
 	$(VENV)/bin/deepspeed --num_gpus 2 --module train --config configs/train/tiny-cpu.yaml \
 	  --set "data.runs=[$(DEMO_OUT)]" --set checkpoint.dir=$(DEMO_TRAIN)
+	$(PY) -m train export --checkpoint $(DEMO_TRAIN) --native $(DEMO_TRAIN)/final --to-hf $(DEMO_TRAIN)/final/hf --overwrite
 	$(PY) -m train.plot $(DEMO_TRAIN)/metrics.jsonl --out $(DEMO_TRAIN)/loss.png
 	$(PY) -m model generate --checkpoint $(DEMO_TRAIN)/final/hf --tokenizer $(DEMO_OUT)/tokenizer/tokenizer.json \
 	  --prompt "The " --max-new-tokens 30 --temperature 0.8 --top-p 0.95

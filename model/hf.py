@@ -1,6 +1,7 @@
 """Checkpoints: our native layout and Hugging Face's ``ai21labs/Jamba-v0.1`` layout, safetensors only.
 
-Native: ``DIR/config.json`` (``JambaConfig`` fields) + ``DIR/model.safetensors`` with this package's keys.
+Native: ``DIR/config.json`` (``JambaConfig`` fields) + ``DIR/model.safetensors`` with this package's keys
+(experts stacked: ``layers.{i}.feed_forward.gate_up [E, 2F, d]``), or the same keys sharded like Hugging Face's.
 Hugging Face: ``config.json`` (``JambaConfig`` of transformers) + ``model.safetensors`` or sharded
 ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``, experts stored per expert::
 
@@ -22,6 +23,7 @@ from model.config import JambaConfig
 from model.jamba import Jamba
 
 NATIVE_WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -103,9 +105,14 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a checkpoint directory")
     _refuse_pickles(directory)
-    index = directory / "model.safetensors.index.json"
+    index = directory / INDEX
+    weight_map: dict[str, str] | None = None
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
@@ -116,7 +123,56 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
             state.update(load_file(str(directory / name)))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{directory / name}: not a readable safetensors file ({exc})") from None
+    if weight_map is not None:  # a shard that lost a tensor would otherwise surface as a vague missing key
+        absent = sorted(k for k in weight_map if k not in state)
+        if absent:
+            raise CheckpointError(f"{directory / weight_map[absent[0]]}: {absent[0]} is in {INDEX} but not in "
+                                  "the file")
     return state
+
+
+def shard_name(number: int, count: int) -> str:
+    """Hugging Face's shard file name, ``number`` counted from 1."""
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+class ShardWriter:
+    """A sharded safetensors checkpoint written one shard at a time (so that only one shard's tensors need
+    to exist at once), then its ``model.safetensors.index.json``. The number of shards is fixed up front
+    because it is part of every file name."""
+
+    def __init__(self, directory: Path, count: int, metadata: dict[str, str]):
+        self.directory, self.count, self.metadata = Path(directory), count, metadata
+        self.written = 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> Path:
+        from safetensors.torch import save_file
+
+        if self.written == self.count:
+            raise ValueError(f"{self.directory}: more than the {self.count} shards planned")
+        self.written += 1
+        name = shard_name(self.written, self.count)
+        save_file(tensors, str(self.directory / name), metadata=self.metadata)
+        for key, tensor in tensors.items():
+            self.weight_map[key] = name
+            self.total_size += tensor.numel() * tensor.element_size()
+        return self.directory / name
+
+    def finish(self) -> None:
+        if self.written != self.count:
+            raise ValueError(f"{self.directory}: {self.written} of {self.count} shards written")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def hf_config(cfg: JambaConfig, dtype: torch.dtype | None) -> dict:
+    """transformers' config.json for ``cfg``; ``torch_dtype`` names the dtype the weights are stored in."""
+    config = cfg.to_hf()
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return config
 
 
 def _read_config_json(directory: Path) -> dict:
@@ -170,10 +226,7 @@ def save_hf(model: Jamba, directory: str | Path, dtype: torch.dtype | None = Non
         state.pop("lm_head.weight", None)
     hf_state = to_hf_state_dict(state, model.cfg)
     save_file(hf_state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = model.cfg.to_hf()
-    if dtype is not None:
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(hf_config(model.cfg, dtype), indent=2) + "\n")
     return directory
 
 

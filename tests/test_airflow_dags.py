@@ -298,4 +298,4 @@ def test_train_dag_launches_deepspeed_on_the_published_run(dag_run, airflow_env,
     assert "fits" in out and "launching (local):" in out and "--module train" in out
     metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1] and metrics[0]["loss"] > 0
-    assert (ckpt / "final").is_dir()
+    assert (ckpt / "latest").read_text().strip() == "step1" and (ckpt / "step1" / "mp_rank_00_model_states.pt").is_file()

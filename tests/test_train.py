@@ -1,6 +1,7 @@
 """The trainer through the real `deepspeed` launcher with 2 CPU ranks (gloo) on real pipeline shards:
-loss decreases, ep_size 2 equals ep_size 1, kill-and-resume equals uninterrupted, the exported checkpoint
-loads in transformers with matching logits, and bad configs fail before training."""
+loss decreases, ep_size 2 equals ep_size 1, kill-and-resume equals uninterrupted, only `checkpoint.keep`
+tags remain and their size is the plan's, the export CLI's checkpoint loads in transformers with matching
+logits and its memory is one MoE layer's, not the model's, and bad configs fail before training."""
 
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ PEAK_TFLOPS = 0.5  # a stated device peak, so that MFU is reported on CPU
 
 
 def train_config(tmp: Path, run_dir: Path, name: str, model: str | None = None, steps: int = STEPS,
-                 seq_len: int = 128, **parallel) -> Path:
+                 seq_len: int = 128, keep: int | None = None, **parallel) -> Path:
     cfg = {
         "model": model or str(ROOT / "configs/model/jamba-tiny.yaml"),
         "data": {"runs": [str(run_dir)], "seq_len": seq_len, "pack": "boundaries", "seed": 3},
         "steps": steps,
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "schedule": "cosine"},
         "parallel": {"ep_size": 2, "zero_stage": 1, "micro_batch": 2, "grad_accum": 2, "dtype": "fp32", **parallel},
-        "checkpoint": {"dir": str(tmp / name), "every": 2},
+        "checkpoint": {"dir": str(tmp / name), "every": 2, **({"keep": keep} if keep else {})},
         "log": {"peak_tflops": PEAK_TFLOPS},
     }
     path = tmp / f"{name}.yaml"
@@ -76,11 +77,29 @@ def losses(ckpt: Path) -> dict[int, dict]:
     return records
 
 
+KEEP = 2  # of the 4 tags an 8-step run saves every 2 steps
+
+
 @pytest.fixture(scope="module")
 def ep2_run(clean_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    run(train_config(tmp, clean_run[0], "ep2"))
+    out = run(train_config(tmp, clean_run[0], "ep2", keep=KEEP))
+    assert f"python -m train export --checkpoint {tmp / 'ep2'}" in out   # the engine says how to export
     return tmp
+
+
+def export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", "export", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def ep2_export(ep2_run):
+    """The export CLI on the training run's last checkpoint: native and Hugging Face, as the engine suggests."""
+    final = ep2_run / "ep2" / "final"
+    proc = export_cli("--checkpoint", str(ep2_run / "ep2"), "--native", str(final), "--to-hf", str(final / "hf"))
+    assert proc.returncode == 0, proc.stderr
+    return final, json.loads(proc.stdout)
 
 
 def test_loss_decreases_on_pipeline_shards(ep2_run):
@@ -124,7 +143,7 @@ def test_kill_and_resume_equals_uninterrupted(ep2_run, clean_run):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (ckpt / "latest").exists() and not (ckpt / "final").exists(), "killed too late"
+    assert (ckpt / "latest").read_text().strip() != f"step{STEPS}", "killed too late"
     out = run(config)
     assert "resumed from" in out
     resumed, clean = losses(ckpt), losses(ep2_run / "ep2")
@@ -132,11 +151,33 @@ def test_kill_and_resume_equals_uninterrupted(ep2_run, clean_run):
         assert abs(resumed[step]["loss"] - clean[step]["loss"]) < 1e-5 * clean[step]["loss"], step
 
 
-def test_exported_checkpoint_loads_in_transformers(ep2_run):
+def test_only_keep_checkpoints_remain_and_their_size_is_planned(ep2_run):
+    """checkpoint.keep through the launcher, and the plan's disk per checkpoint against the real files."""
+    from model import JambaConfig
+    from train.checkpoint import directory_bytes, step_tags
+    from train.config import load_train_config
+    from train.plan import plan_memory
+
+    ckpt = ep2_run / "ep2"
+    assert [step for step, _ in step_tags(ckpt)] == [6, 8]
+    assert (ckpt / "latest").read_text().strip() == f"step{STEPS}"
+    assert (ckpt / "metrics.jsonl").exists() and (ckpt / "tensorboard").is_dir()
+    cfg = load_train_config(ep2_run / "ep2.yaml")
+    plan = plan_memory(cfg, JambaConfig.from_yaml(cfg.model), world=2)
+    measured = directory_bytes(ckpt / f"step{STEPS}")
+    print(f"checkpoint on disk: plan {plan.checkpoint_bytes:,} bytes, measured {measured:,} bytes, "
+          f"ratio {plan.checkpoint_bytes / measured:.3f}; x keep {KEEP}: {plan.checkpoint_disk:,}")
+    assert plan.checkpoint_keep == KEEP and plan.checkpoint_disk == KEEP * plan.checkpoint_bytes
+    assert abs(plan.checkpoint_bytes / measured - 1) <= 0.10, (plan.checkpoint_terms, measured)
+
+
+def test_exported_checkpoint_loads_in_transformers(ep2_export):
     transformers = pytest.importorskip("transformers")
     from model.hf import load_hf, load_native
 
-    final = ep2_run / "ep2" / "final"
+    final, summary = ep2_export
+    assert summary["step"] == STEPS and summary["shards"] == 5   # 4 MoE layers, then the head
+    assert (final / "model.safetensors.index.json").exists() and (final / "hf/model.safetensors.index.json").exists()
     ours = load_native(final).eval()
     hf = transformers.JambaForCausalLM.from_pretrained(final / "hf").eval()
     again = load_hf(final / "hf").eval()
@@ -147,30 +188,82 @@ def test_exported_checkpoint_loads_in_transformers(ep2_run):
         assert torch.equal(again(ids).logits, want)
 
 
-def test_export_cli_gathers_experts_by_global_id(ep2_run, tmp_path):
-    from safetensors.torch import load_file
+def test_export_cli_gathers_experts_by_global_id(ep2_run, ep2_export, tmp_path):
+    from model.hf import read_safetensors
 
-    ckpt = ep2_run / "ep2"
-    proc = subprocess.run([sys.executable, "-m", "train", "export", "--checkpoint", str(ckpt), "--to-hf",
-                           str(tmp_path / "hf"), "--native", str(tmp_path / "native")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["step"] == STEPS
-    # the final export was gathered in memory by the ranks at the same step: the same tensors
-    ours, theirs = load_file(tmp_path / "hf/model.safetensors"), load_file(ckpt / "final/hf/model.safetensors")
-    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    # global expert 3 of the first MoE layer was EP rank 1's local expert 1
-    rank1 = torch.load(ckpt / f"step{STEPS}" / "layer_0_expert_3_mp_rank_00_model_states.pt", weights_only=True)
-    down = next(v for k, v in rank1.items() if k.endswith(".down"))
-    assert torch.equal(load_file(tmp_path / "native/model.safetensors")["layers.1.feed_forward.down"][3], down)
-    # a checkpoint missing an expert is refused, naming it
+    ckpt, tag = ep2_run / "ep2", ep2_run / "ep2" / f"step{STEPS}"
+    final, _ = ep2_export
+    native, hf = read_safetensors(final), read_safetensors(final / "hf")
+    # every tensor the ranks saved is in both exports, unchanged: non-expert weights from the main file,
+    # experts stacked (native) or per expert (HF) by the global id in their file name
+    main = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    for key, value in main.items():
+        assert torch.equal(native[key], value) and torch.equal(hf[key if key == "lm_head.weight" else f"model.{key}"],
+                                                               value), key
+    moe_layers = [1, 3, 5, 7]  # jamba-tiny: MoE on odd layers
+    for m, layer in enumerate(moe_layers):
+        for g in range(4):
+            saved = torch.load(tag / f"layer_{m}_expert_{g}_mp_rank_00_model_states.pt", weights_only=True)
+            gate_up = next(v for k, v in saved.items() if k.endswith(f"experts.{g}.gate_up"))
+            down = next(v for k, v in saved.items() if k.endswith(f"experts.{g}.down"))
+            assert torch.equal(native[f"layers.{layer}.feed_forward.gate_up"][g], gate_up)
+            assert torch.equal(native[f"layers.{layer}.feed_forward.down"][g], down)
+            F = gate_up.shape[0] // 2
+            assert torch.equal(hf[f"model.layers.{layer}.feed_forward.experts.{g}.up_proj.weight"], gate_up[F:])
+            assert torch.equal(hf[f"model.layers.{layer}.feed_forward.experts.{g}.down_proj.weight"], down)
+    # global expert 3 of the first MoE layer was EP rank 1's local expert 1: its own file, stacked at 3
+    rank1 = torch.load(tag / "layer_0_expert_3_mp_rank_00_model_states.pt", weights_only=True)
+    assert list(rank1) == [f"layers.1.feed_forward.deepspeed_moe.experts.deepspeed_experts.3.{n}" for n in ("gate_up", "down")]
+    # an older tag exports too, and a checkpoint missing an expert is refused, naming it, writing nothing
+    proc = export_cli("--checkpoint", str(ckpt), "--tag", "step6", "--to-hf", str(tmp_path / "hf6"))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["step"] == 6, proc.stderr
     broken = tmp_path / "broken"
-    shutil.copytree(ckpt / f"step{STEPS}", broken / "t")
+    shutil.copytree(tag, broken / "t")
     (broken / "t" / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
     (broken / "latest").write_text("t")
-    proc = subprocess.run([sys.executable, "-m", "train", "export", "--checkpoint", str(broken), "--to-hf",
-                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = export_cli("--checkpoint", str(broken), "--to-hf", str(tmp_path / "x"))
     assert proc.returncode == 2 and "experts [2] are missing" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# Experts are 89 % of this model's 338 MB (fp32): 4 MoE layers of 16 experts, 75.5 MB each; 36.2 MB else.
+EXPERT_HEAVY = {"n_blocks": 1, "layers_per_block": 8, "attn_period": 8, "attn_offset": 4, "expert_period": 2,
+                "expert_offset": 1, "n_experts": 16, "top_k": 2, "d_model": 256, "n_heads": 8, "n_kv_heads": 4,
+                "ffn_dim": 1536, "vocab_size": 2048, "mamba_d_state": 16}
+# The export holds one layer's stacked experts plus the expert file being copied into them (1/16 of a
+# layer: 1.06); the rest is room for the allocator, the page granularity of the memory-mapped files and
+# library code paged in on first use. Measured: 1.05 (docs/benchmarks.md).
+LAYER_FACTOR = 1.25
+
+
+def test_export_peak_memory_is_one_moe_layer_not_the_model(clean_run, tmp_path):
+    """A real DeepSpeed checkpoint (one training step through the launcher, experts split over 2 EP ranks)
+    exported with large allocations mmap-ed, so that freed tensors leave the resident set: the export's
+    high-water mark above its baseline is the non-expert weights plus about one MoE layer's experts."""
+    from model import JambaConfig
+    from model.params import count_parameters
+
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(EXPERT_HEAVY))
+    run(train_config(tmp_path, clean_run[0], "heavy", model=str(tmp_path / "model.yaml"), steps=1, seq_len=64,
+                     micro_batch=1, grad_accum=1))
+    counts = count_parameters(JambaConfig.from_dict(EXPERT_HEAVY))
+    model_bytes, expert_bytes = 4 * counts["total"], 4 * counts["part_moe_experts"]
+    non_expert, layer = model_bytes - expert_bytes, expert_bytes // 4
+    assert expert_bytes >= 0.8 * model_bytes and model_bytes >= 300e6
+    proc = export_cli("--checkpoint", str(tmp_path / "heavy"), "--native", str(tmp_path / "native"),
+                      "--to-hf", str(tmp_path / "hf"), env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["non_expert_bytes"] == non_expert and summary["expert_bytes_per_layer"] == layer
+    peak = summary["peak_rss_bytes"] - summary["rss_baseline_bytes"]
+    bound = non_expert + LAYER_FACTOR * layer
+    mb = 1e6
+    print(f"export peak RSS above baseline {peak / mb:.1f} MB (baseline {summary['rss_baseline_bytes'] / mb:.1f} "
+          f"MB); non-expert {non_expert / mb:.1f} MB + one MoE layer {layer / mb:.1f} MB = "
+          f"{(non_expert + layer) / mb:.1f} MB; bound {bound / mb:.1f} MB; model {model_bytes / mb:.1f} MB")
+    assert peak <= bound
+    assert peak <= 0.5 * model_bytes
+    assert summary["parameters"] == counts["total"] and summary["shards"] == 5
 
 
 def test_ranks_hold_only_their_shard_at_start(clean_run, tmp_path):

@@ -108,6 +108,25 @@ def test_plan_cli_verdicts():
     assert bad.returncode == 2 and "ep_size: 8 must divide the number of ranks 12" in bad.stderr
 
 
+def test_disk_per_checkpoint_is_weights_master_and_moments_times_keep():
+    """DeepSpeed's files of one tag under ZeRO 1/2: every parameter once in the model dtype (main file and
+    per-expert files) and once in each fp32 optimizer state (tests/test_train.py measures a real tag)."""
+    cfg = load_train_config(H100)
+    total = count_parameters(JambaConfig.from_yaml(cfg.model))["total"]
+    plan = plan_memory(cfg, JambaConfig.from_yaml(cfg.model), world=128)
+    assert plan.checkpoint_terms == {"model weights (bf16)": 2 * total, "master weights (fp32)": 4 * total,
+                                     "Adam moments (fp32)": 8 * total}
+    assert 0.7e12 < plan.checkpoint_bytes < 0.75e12          # the released model: ~0.7 TB per tag
+    assert plan.checkpoint_disk == 3 * plan.checkpoint_bytes and plan.checkpoint_disk_peak == 4 * plan.checkpoint_bytes
+    fp32 = load_train_config(H100, {"parallel.dtype": "fp32", "checkpoint.keep": 1})
+    plan32 = plan_memory(fp32, JambaConfig.from_yaml(cfg.model), world=128)
+    assert plan32.checkpoint_bytes == 16 * total and plan32.checkpoint_disk == plan32.checkpoint_bytes
+    out = _plan_cli("--config", str(H100), "--gpus", "128", "--json")
+    assert json.loads(out.stdout)["checkpoint_disk"] == plan.checkpoint_disk
+    text = _plan_cli("--config", str(H100), "--gpus", "128").stdout
+    assert "disk per checkpoint" in text and "x keep 3" in text
+
+
 def test_parse_size():
     assert parse_size("80GB") == 80 * 10**9 and parse_size("80GiB") == 80 * 2**30
     assert parse_size("512MB") == 512 * 10**6 and parse_size(1234) == 1234

@@ -91,13 +91,16 @@ def cmd_plan(argv: list[str]) -> int:
 def cmd_export(argv: list[str]) -> int:
     from train.export import ExportError, export_checkpoint
 
-    parser = argparse.ArgumentParser(prog="python -m train export", description="Gather a DeepSpeed checkpoint's "
-                                     "expert shards and write Hugging Face (and native) checkpoints.")
+    parser = argparse.ArgumentParser(prog="python -m train export", description="Stream a DeepSpeed checkpoint "
+                                     "(non-expert weights memory-mapped, one MoE layer's expert files at a time) "
+                                     "into sharded Hugging Face and/or native safetensors checkpoints.")
     parser.add_argument("--checkpoint", required=True, help="the training checkpoint directory (checkpoint.dir)")
     parser.add_argument("--tag", default=None, help="a tag such as step200 (default: the one in 'latest')")
     parser.add_argument("--to-hf", default=None, help="output directory for the Hugging Face checkpoint")
     parser.add_argument("--native", default=None, help="output directory for the native checkpoint")
     parser.add_argument("--model", default=None, help="configs/model/*.yaml, for checkpoints without one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output checkpoint (a directory with a config.json)")
     args = parser.parse_args(argv)
     if not args.to_hf and not args.native:
         parser.error("give --to-hf and/or --native")
@@ -107,7 +110,8 @@ def cmd_export(argv: list[str]) -> int:
             from model import JambaConfig
 
             model_cfg = JambaConfig.from_yaml(args.model)
-        summary = export_checkpoint(args.checkpoint, args.to_hf, args.native, args.tag, model_cfg)
+        summary = export_checkpoint(args.checkpoint, args.to_hf, args.native, args.tag, model_cfg,
+                                    overwrite=args.overwrite)
     except (ExportError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG

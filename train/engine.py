@@ -179,6 +179,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     from model.flops import training_flops_per_token
     from train import device_guard
     from train.build import build_rank_model, local_parameter_bytes
+    from train.checkpoint import prune_checkpoints, read_latest
     from train.data import MixtureSampler, RankLoader, SamplerState, load_streams
 
     guard = device_guard.enabled()
@@ -290,28 +291,19 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                         + (f"mfu {100 * record['mfu']:.1f}% " if record["mfu"] is not None else "")
                         + f"mem {record['peak_mem_bytes'] / 2**30:.2f}GiB "
                         f"experts cv {record.get('expert_load_cv_mean', 0):.2f} eta {eta:.0f}s")
-            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:  # the last step is always saved
                 engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
                                        client_state={"step": step + 1, "sampler": asdict(sampler.state),
                                                      "model_config": asdict(model_cfg)})
-    export_dir = export(engine.module, model_cfg, ckpt_dir / "final", rank)
+                # every rank's files of the new tag are written (and `latest` names it) before any tag is deleted
+                torch.distributed.barrier()
+                if rank == 0:
+                    for removed in prune_checkpoints(ckpt_dir, cfg.checkpoint.keep):
+                        log(f"removed checkpoint {removed} (checkpoint.keep: {cfg.checkpoint.keep})")
+    # No export here: gathering every expert onto the ranks and building the model on the host does not scale
+    # (train/export.py streams the DeepSpeed checkpoint instead, one MoE layer at a time, in its own process).
     if rank == 0:
-        log(f"exported {export_dir} (native) and {export_dir / 'hf'} (Hugging Face)")
+        log(f"checkpoint {ckpt_dir / (read_latest(ckpt_dir) or '?')}; export it with: python -m train export "
+            f"--checkpoint {ckpt_dir} --native {ckpt_dir / 'final'} --to-hf {ckpt_dir / 'final' / 'hf'}")
     return {"history": history, "rank": rank, "world": world}
-
-
-def export(module: torch.nn.Module, model_cfg, out: Path, rank: int) -> Path:
-    """Gather the expert shards and write the trained weights as a native and a Hugging Face checkpoint."""
-    from model import Jamba
-    from model.hf import load_state_into, save_hf, save_native
-    from train.expert_parallel import full_state_dict
-
-    state = full_state_dict(module)  # collective: every rank takes part
-    if rank == 0:
-        plain = Jamba(model_cfg)
-        load_state_into(plain, {k: v.float() for k, v in state.items()}, "trained model")
-        save_native(plain, out)
-        save_hf(plain, out / "hf")
-    torch.distributed.barrier()
-    return out
 

@@ -166,23 +166,3 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> None:
             layer.feed_forward = make_expert_parallel_moe(layer.feed_forward, ep_size)
             layer.feed_forward.set_deepspeed_parallelism()
 
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state in the single-process layout (``feed_forward.gate_up [E, 2F, d]``...), expert
-    shards all-gathered over the EP group; global expert id = ep_rank * local + local id."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if ".deepspeed_moe." not in name:
-            state[name] = tensor.detach()
-    for i, layer in enumerate(model.layers):
-        ff = layer.feed_forward
-        if not hasattr(ff, "local_experts"):
-            continue
-        for pname in ("gate_up", "down"):
-            local = torch.stack([getattr(e, pname).detach() for e in ff.local_experts()]).contiguous()
-            if ff.ep_size > 1:
-                parts = [torch.empty_like(local) for _ in range(ff.ep_size)]
-                dist.all_gather(parts, local, group=ff.group)
-                local = torch.cat(parts)
-            state[f"layers.{i}.feed_forward.{pname}"] = local
-    return state

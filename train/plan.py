@@ -21,6 +21,16 @@ Every term is counted from what this code base and DeepSpeed actually allocate (
 
 The peak is the larger of the backward peak (weights, optimizer states, gradients, activations) and the
 optimizer-step peak (activations freed, fp32 partition gradients materialised).
+
+The plan also sizes one checkpoint on disk (the whole job's, not a rank's), from what DeepSpeed's
+``save_checkpoint`` writes with MoE layers under ZeRO 1/2: ``mp_rank_00_model_states.pt`` (non-expert weights
+in the model dtype), one ``layer_{m}_expert_{g}_mp_rank_00_model_states.pt`` per expert (model dtype), and
+per rank ``[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` with that rank's partition of the fp32 master
+weights and Adam's two moments: the partitions add up to every parameter once, so 4 + 8 bytes per
+parameter. Without ZeRO (stage 0, fp32; bf16 goes through DeepSpeed's BF16 optimizer, partitioned like
+ZeRO-1) each expert-parallel rank writes ``expp_rank_{r}_mp_rank_00_optim_states.pt`` with its whole
+optimizer state and rank 0 repeats its own in the main file. ``checkpoint.keep`` tags stay on disk, one more
+while a new tag is written and before the oldest is removed.
 """
 
 from __future__ import annotations
@@ -116,6 +126,22 @@ class MemoryPlan:
     terms: dict[str, int] = field(default_factory=dict)
     backward_peak: int = 0
     step_peak: int = 0
+    checkpoint_terms: dict[str, int] = field(default_factory=dict)   # bytes on disk of one checkpoint tag
+    checkpoint_keep: int = 1
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return sum(self.checkpoint_terms.values())
+
+    @property
+    def checkpoint_disk(self) -> int:
+        """``checkpoint.keep`` tags."""
+        return self.checkpoint_keep * self.checkpoint_bytes
+
+    @property
+    def checkpoint_disk_peak(self) -> int:
+        """While a tag is being saved the oldest of the ``keep`` is still there."""
+        return (self.checkpoint_keep + 1) * self.checkpoint_bytes
 
     @property
     def total(self) -> int:
@@ -126,7 +152,8 @@ class MemoryPlan:
         return self.capacity is None or self.total <= self.capacity
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total, "fits": self.fits}
+        return {**asdict(self), "total": self.total, "fits": self.fits, "checkpoint_bytes": self.checkpoint_bytes,
+                "checkpoint_disk": self.checkpoint_disk, "checkpoint_disk_peak": self.checkpoint_disk_peak}
 
     def summary(self) -> str:
         def g(x: int) -> str:
@@ -144,7 +171,28 @@ class MemoryPlan:
             verdict = "fits" if self.fits else "DOES NOT FIT"
             lines.append(f"  {'capacity':<28}{g(self.capacity)}  -> {verdict} "
                          f"({100 * self.total / self.capacity:.0f}% used)")
+        if self.checkpoint_terms:
+            lines.append("disk per checkpoint (all ranks' files of one tag):")
+            lines += [f"  {name:<28}{g(value)}" for name, value in self.checkpoint_terms.items()]
+            lines.append(f"  {'per checkpoint':<28}{g(self.checkpoint_bytes)}")
+            lines.append(f"  {f'x keep {self.checkpoint_keep}':<28}{g(self.checkpoint_disk)}  "
+                         f"(peak while saving: {self.checkpoint_disk_peak / GIB:.2f} GiB)")
         return "\n".join(lines)
+
+
+def checkpoint_disk_terms(cfg: TrainConfig, dense: int, experts: int) -> dict[str, int]:
+    """Bytes DeepSpeed writes for one checkpoint tag of the whole job (module docstring)."""
+    p = cfg.parallel
+    a = 2 if p.dtype == "bf16" else 4
+    total = dense + experts
+    terms = {f"model weights ({p.dtype})": a * total}
+    if p.zero_stage > 0 or p.dtype == "bf16":
+        terms["master weights (fp32)"] = 4 * total
+        terms["Adam moments (fp32)"] = 8 * total
+    else:   # fp32 without ZeRO: every expert-parallel rank's full state, and rank 0's again in the main file
+        local = dense + experts // p.ep_size
+        terms["Adam moments (fp32)"] = 8 * local * (p.ep_size + 1)
+    return terms
 
 
 def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: int | None = None,
@@ -213,7 +261,8 @@ def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: 
     return MemoryPlan(world=world, ep_size=p.ep_size, dp_size=world, edp_size=edp, zero_stage=p.zero_stage,
                       dtype=p.dtype, tokens_per_micro_batch=T, capacity=capacity, params_dense=dense,
                       params_expert_local=expert_local, terms=terms, backward_peak=int(backward),
-                      step_peak=int(step))
+                      step_peak=int(step), checkpoint_terms=checkpoint_disk_terms(cfg, dense, experts_total),
+                      checkpoint_keep=cfg.checkpoint.keep)
 
 
 def load_deepspeed_extra(path: str | None) -> dict[str, Any]:
