@@ -182,6 +182,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     from train.checkpoint import prune_checkpoints, read_latest
     from train.data import MixtureSampler, RankLoader, SamplerState, load_streams
 
+    if torch.cuda.is_available():  # this rank's GPU, before any communicator or tensor is made
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     guard = device_guard.enabled()
     if guard:  # before DeepSpeed captures the collectives it calls
         device_guard.install(torch.device(get_accelerator().current_device_name()))
@@ -200,8 +202,6 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         log(plan.summary())
 
     # This rank's parameters only, in the training dtype, on its device (train/build.py).
-    if torch.cuda.is_available():
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device(get_accelerator().current_device_name())
     baseline = _vm_hwm()
     memory = PeakMemory()
