@@ -66,9 +66,11 @@ def test_partitioning_arithmetic():
     partition = dense / 128 + (experts // 8) / 16
     assert plan.terms["master weights (fp32)"] == int(4 * partition)
     assert plan.terms["Adam moments (fp32)"] == int(8 * partition)
-    assert plan.terms["gradients (partition)"] == int(2 * partition)           # ZeRO-2
+    assert plan.terms["gradients (partition)"] == int(4 * partition)           # ZeRO-2, fp32 accumulation
     zero1 = load_train_config(H100, {"parallel.zero_stage": 1})
-    assert plan_memory(zero1, model_cfg, 128).terms["gradients"] == 2 * (dense + experts // 8)
+    assert plan_memory(zero1, model_cfg, 128).terms["gradients"] == 4 * (dense + experts // 8)
+    zero1_bf16 = load_train_config(H100, {"parallel.zero_stage": 1, "parallel.grad_reduce_dtype": "bf16"})
+    assert plan_memory(zero1_bf16, model_cfg, 128).terms["gradients"] == 2 * (dense + experts // 8)
     # twice the nodes: expert optimizer states halve, expert weights do not
     wide = plan_memory(cfg, model_cfg, world=256)
     assert wide.terms["weights"] == plan.terms["weights"]
