@@ -72,7 +72,7 @@ class _HostTracker(TorchFunctionMode):
         elif func is torch.Tensor.cuda or (func is torch.Tensor.to and (
                 "device" in kwargs or any(isinstance(a, (str, torch.device, torch.Tensor)) for a in args[1:]))):
             self._mark(out, False)  # moved to a device (on CPU ranks, .to('cpu') returns the same tensor)
-        else:
+        elif self._host:  # nothing to propagate while no host tensor is alive (the common case: cheap)
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             if inputs and all(self.is_host(t) for t in inputs):  # host op host -> host; host op device -> device
                 self._mark(out, True)
