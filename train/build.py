@@ -13,7 +13,6 @@ this rank's shard plus one tensor; on a GPU rank, one tensor of the checkpoint r
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,11 +52,9 @@ def initialise_(model: nn.Module, cfg: JambaConfig, seed: int) -> None:
 
 
 @torch.no_grad()
-def load_rank_tensors_(model: nn.Module, directory: str | Path) -> int:
-    """Fill this rank's parameters from a native or HF checkpoint by key; returns the bytes read."""
-    from model.lazy_checkpoint import CheckpointTensors
-
-    source = CheckpointTensors(directory)
+def load_rank_tensors_(model: nn.Module, source) -> int:
+    """Fill this rank's parameters from a ``CheckpointTensors`` (native or HF) by key; returns the bytes read."""
+    directory = source.directory
     read = 0
 
     def copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
@@ -88,11 +85,12 @@ def build_rank_model(model_cfg: JambaConfig, ep_size: int, device: torch.device,
     """The model this rank trains (``torch.distributed`` initialised): see the module docstring."""
     from train.expert_parallel import apply_expert_parallel
 
+    source = None
     if init_from:
         from model.lazy_checkpoint import CheckpointTensors
 
-        theirs = CheckpointTensors(init_from).config
-        if theirs.to_dict() != model_cfg.to_dict():
+        source = CheckpointTensors(init_from)  # headers read once: the config check and the loads use them
+        if source.config.to_dict() != model_cfg.to_dict():
             raise ValueError(f"init_from: {init_from} has a different model config than the run's model")
     with torch.device("meta"):
         model = Jamba(model_cfg)
@@ -105,8 +103,8 @@ def build_rank_model(model_cfg: JambaConfig, ep_size: int, device: torch.device,
                 expert.tag_parameters()
     if model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    if init_from:
-        load_rank_tensors_(model, init_from)
+    if source is not None:
+        load_rank_tensors_(model, source)
     else:
         initialise_(model, model_cfg, seed)
     return model
