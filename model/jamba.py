@@ -92,10 +92,13 @@ class Jamba(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 segment: torch.Tensor | None = None, cache: HybridCache | None = None,
                 output_router_logits: bool = False, token_mask: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, loss_chunk: int = 0, logits_to_keep: int = 0) -> JambaOutput:
+                targets: torch.Tensor | None = None, loss_chunk: int = 0, logits_to_keep: int = 0,
+                loss_reduction: str = "mean") -> JambaOutput:
         """input_ids [b, L]. ``labels`` are aligned with ``input_ids`` (shifted here; -100 = ignore);
         ``targets`` are already shifted (position t predicts targets[t]). With ``targets`` and ``loss_chunk``
         > 0 the loss is computed ``loss_chunk`` tokens at a time and no full logits tensor is made.
+        ``loss_reduction="sum"``: ``lm_loss`` is the sum over the targets, not the mean (a context-parallel
+        trainer divides by the token count of the whole sequence).
 
         ``segment`` [b, L]: document ids of a packed sequence; attention stays within a document and the
         pure-PyTorch Mamba path resets its state at each new document. ``cache``: an empty one is filled
@@ -122,10 +125,10 @@ class Jamba(nn.Module):
         h = self.final_layernorm(h)
         if targets is not None and loss_chunk > 0:
             logits = None
-            lm = chunked_lm_loss(h, self.lm_head.weight, targets, loss_chunk)
+            lm = chunked_lm_loss(h, self.lm_head.weight, targets, loss_chunk, loss_reduction)
         else:
             logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep > 0 else h)
-            lm = lm_loss(logits, targets) if targets is not None else None
+            lm = lm_loss(logits, targets, loss_reduction) if targets is not None else None
         out = JambaOutput(logits=logits, lm_loss=lm, router_logits=router_logits if output_router_logits else [],
                           expert_counts=counts)
         if output_router_logits and router_logits:

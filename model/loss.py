@@ -15,9 +15,11 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [..., V] against targets [...] (IGNORE positions excluded)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits [..., V] against targets [...] (IGNORE positions excluded): the mean, or with
+    ``reduction="sum"`` the sum (0 when every target is ignored, where the mean is undefined)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction=reduction)
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -25,8 +27,10 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
-def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The same value as ``lm_loss(hidden @ weight.T, targets)``, ``chunk`` tokens of logits at a time."""
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                    reduction: str = "mean") -> torch.Tensor:
+    """The same value as ``lm_loss(hidden @ weight.T, targets, reduction)``, ``chunk`` tokens of logits at a
+    time."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     count = (targets != IGNORE).sum()
@@ -35,4 +39,4 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     for start in range(0, hidden.shape[0], chunk):
         args = (hidden[start:start + chunk], weight, targets[start:start + chunk])
         total = total + (checkpoint(_chunk_loss_sum, *args, use_reentrant=False) if grad else _chunk_loss_sum(*args))
-    return total / count.clamp_min(1)
+    return total if reduction == "sum" else total / count.clamp_min(1)

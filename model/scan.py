@@ -145,6 +145,96 @@ def chunked_scan(x, dt, A, B, C, D=None, h0=None, segment=None, chunk: int = 32,
     return y.to(x.dtype), h
 
 
+# ------------------------------------------------------------------ state passing (context parallelism)
+# The scan is linear in its state: a sequence split into contiguous chunks is scanned chunk by chunk from a
+# zero state, and each chunk's outputs are then corrected by the state entering it,
+#     y_t  +=  <C_t, exp(A * sum_{s<=t} dt_s) * h_in>      (until the chunk's first document start),
+# where h_in chains the earlier chunks' final states and total decays (``chain_states``). These pieces are
+# what train/context_parallel.py exchanges between ranks; each is O([b, d, n]) to send and computed in
+# blocks of tokens, never [b, d, L, n].
+
+def _alive(segment: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """[b, L] float: 1 while the chunk's first document continues (no reset since the first token)."""
+    if segment is None:
+        return None
+    same = (segment == segment[:, :1]).to(torch.int32)
+    return torch.cummin(same, dim=1).values.to(like.dtype)
+
+
+def total_decay(dt: torch.Tensor, A: torch.Tensor, segment: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, d, n]: what a state entering the chunk is multiplied by at its end, exp(A * sum_t dt_t); 0 where
+    a document starts inside the chunk (after its first token), which cuts the carried state off."""
+    decay = torch.exp(dt.float().sum(-1)[..., None] * A.float()[None])
+    alive = _alive(segment, decay)
+    return decay if alive is None else decay * alive[:, -1, None, None]
+
+
+def _correction_block(cum, A, C, h_in, alive):
+    carried = torch.exp(cum[..., None] * A[None, :, None, :]) * h_in[:, :, None, :]   # [b, d, blk, n]
+    y = torch.einsum("bdtn,bnt->bdt", carried, C)
+    return y if alive is None else y * alive[:, None, :]
+
+
+def state_correction(dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor, h_in: torch.Tensor,
+                     segment: torch.Tensor | None = None, block: int = 256) -> torch.Tensor:
+    """[b, d, L]: the outputs a state ``h_in`` [b, d, n] entering the chunk adds to a zero-start scan
+    (``D`` and the gate excluded). dt [b, d, L] (after softplus), C [b, n, L]. ``block`` tokens at a time,
+    each recomputed in backward, so memory is [b, d, block, n]."""
+    cum = torch.cumsum(dt.float(), dim=-1)
+    Af, Cf, h = A.float(), C.float(), h_in.float()
+    alive = _alive(segment, cum)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (dt, A, C, h_in))
+    ys = []
+    for start in range(0, cum.shape[-1], block):
+        end = min(start + block, cum.shape[-1])
+        args = (cum[..., start:end], Af, Cf[..., start:end], h, None if alive is None else alive[:, start:end])
+        ys.append(checkpoint(_correction_block, *args, use_reentrant=False) if grad else _correction_block(*args))
+    return torch.cat(ys, dim=-1)
+
+
+def _final_block(rest, dt, x, B, A, live):
+    w = torch.exp(rest[..., None] * A[None, :, None, :])                          # [b, d, blk, n]
+    v = (dt * x)[..., None] * B.transpose(1, 2)[:, None]
+    if live is not None:
+        v = v * live[:, None, :, None]
+    return (w * v).sum(2)
+
+
+def final_state(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                segment: torch.Tensor | None = None, block: int = 256) -> torch.Tensor:
+    """[b, d, n]: the state a zero-start scan ends the chunk with, sum_t exp(A * sum_{s>t} dt_s) dt_t x_t B_t
+    over the chunk's last document, differentiably (mamba-ssm's ``return_last_state`` has no gradient)."""
+    dtf = dt.float()
+    cum = torch.cumsum(dtf, dim=-1)
+    rest = cum[..., -1:] - cum                                                     # sum_{s>t} dt_s >= 0
+    live = None if segment is None else (segment == segment[:, -1:]).to(torch.float32)
+    xf, Bf, Af = x.float(), B.float(), A.float()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B))
+    h = None
+    for start in range(0, x.shape[-1], block):
+        end = min(start + block, x.shape[-1])
+        args = (rest[..., start:end], dtf[..., start:end], xf[..., start:end], Bf[..., start:end], Af,
+                None if live is None else live[:, start:end])
+        part = checkpoint(_final_block, *args, use_reentrant=False) if grad else _final_block(*args)
+        h = part if h is None else h + part
+    return h
+
+
+def chain_states(finals: list[torch.Tensor], decays: list[torch.Tensor], keeps: list[torch.Tensor | None]
+                 ) -> list[torch.Tensor]:
+    """The state entering each chunk, from every chunk's zero-start final state and total decay.
+    ``keeps[j]`` [b]: 0 where chunk j's first token starts a new document (the carried state is reset
+    there), None for no resets. Chunk 0 starts from zero."""
+    entering = []
+    H = torch.zeros_like(finals[0])
+    for j, (final, decay) in enumerate(zip(finals, decays)):
+        if j and keeps[j] is not None:
+            H = H * keeps[j].to(H.dtype)[:, None, None]
+        entering.append(H)
+        H = final + decay * H
+    return entering
+
+
 def step(x, dt, A, B, C, D, h):
     """One decoding step. x, dt: [b, d]; B, C: [b, n]; h: [b, d, n] (float32). Returns (y [b, d], h)."""
     dtf = dt.float()
@@ -227,3 +317,20 @@ def selective_scan(x, dt_raw, dt_bias, A, B, C, D, z=None, segment=None, chunk: 
     if z is not None:
         y = y * F.silu(z.float()).to(y.dtype)
     return y, h
+
+
+def scan_for_state_passing(x, dt_raw, dt_bias, A, B, C, D, segment=None, chunk: int = 32,
+                           use_cuda_kernels: bool = True):
+    """One context-parallel chunk scanned from a zero state, ungated: (y [b, d, L] with ``D * x``, dt [b, d, L]
+    after softplus (float32), final state [b, d, n] float32 with its gradient).
+
+    On CUDA with mamba-ssm (no document resets) the outputs come from ``selective_scan_fn``; its
+    ``return_last_state`` is not differentiable, so the final state is ``final_state`` in PyTorch. Elsewhere
+    the chunked scan gives both."""
+    dt = F.softplus(dt_raw.float() + dt_bias.float()[None, :, None])
+    if use_kernels(x, segment, use_cuda_kernels):
+        fn = kernels()["selective_scan_fn"]
+        y = fn(x, dt_raw, A, B, C, D.float(), z=None, delta_bias=dt_bias.float(), delta_softplus=True)
+        return y, dt, final_state(x, dt, A, B, segment)
+    y, h = chunked_scan(x, dt, A, B, C, D, segment=segment, chunk=chunk)
+    return y, dt, h

@@ -40,6 +40,8 @@ class OptimConfig(_Strict):
 
 class ParallelConfig(_Strict):
     ep_size: int = Field(default=1, ge=1)
+    # context parallelism: each sample's sequence split over cp consecutive ranks (train/context_parallel.py)
+    cp_size: int = Field(default=1, ge=1)
     zero_stage: int = Field(default=1, ge=0, le=3)
     micro_batch: int = Field(default=1, ge=1)
     grad_accum: int = Field(default=1, ge=1)

@@ -12,6 +12,20 @@ from torch import nn
 from model.config import JambaConfig
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention over a whole sequence: q [b, H, L, hd], k, v [b, KV, L, hd] (H a multiple of KV,
+    query head i reading kv head i // (H / KV)); with ``segment`` [b, L] a query sees only keys of its own
+    document. Returns [b, H, L, hd]."""
+    mask = None
+    if segment is not None:
+        L = q.shape[2]
+        same = segment[:, :, None] == segment[:, None, :]
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        mask = (same & causal)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: JambaConfig):
         super().__init__()
@@ -31,14 +45,11 @@ class Attention(nn.Module):
         if kv is not None:
             past = kv.length
             k, v = kv.append(k, v)
-        mask = None
-        if segment is not None:
-            same = segment[:, :, None] == segment[:, None, :]
-            causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
-            mask = (same & causal)[:, None]
-        elif past and L > 1:
-            mask = torch.ones(L, past + L, dtype=torch.bool, device=h.device).tril(past)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and past == 0 and L > 1,
-            enable_gqa=self.n_heads != self.n_kv)
+        if past == 0:
+            out = attend(q, k, v, segment)
+        else:
+            mask = None
+            if L > 1:
+                mask = torch.ones(L, past + L, dtype=torch.bool, device=h.device).tril(past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
         return self.o_proj(out.transpose(1, 2).reshape(b, L, -1))

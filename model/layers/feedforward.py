@@ -14,6 +14,7 @@ dispatch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,11 +144,13 @@ class MoE(nn.Module):
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k: int,
-                        token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        token_mask: torch.Tensor | None = None, reduce: Callable | None = None) -> torch.Tensor:
     """Hugging Face's auxiliary loss over all MoE layers: ``E * sum_e f_e * P_e``.
 
     f_e: fraction of tokens (summed over the k slots) routed to e; P_e: mean router probability of e.
-    ``token_mask`` [tokens] (1 = real token) excludes padding, as HF's attention_mask does.
+    ``token_mask`` [tokens] (1 = real token) excludes padding, as HF's attention_mask does. ``reduce``: a
+    differentiable sum of the statistics over the ranks that share these sequences (context parallelism),
+    so that f and P are those of the whole sequences.
     """
     device = router_logits[0].device
     routed = torch.zeros(n_experts, dtype=torch.float32, device=device)
@@ -160,9 +163,18 @@ def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k
         routed = routed.scatter_add(0, idx.reshape(-1), mask.repeat_interleave(top_k))
         prob_sum = prob_sum + (probs * mask[:, None]).sum(0)
         rows = rows + mask.sum()
+    if reduce is not None:
+        stats = reduce(torch.cat([routed, prob_sum, rows[None]]))
+        routed, prob_sum, rows = stats[:n_experts], stats[n_experts:2 * n_experts], stats[-1]
     return n_experts * torch.sum((routed / rows) * (prob_sum / rows))
 
 
-def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
-    """ST-MoE's z-loss: mean squared log-sum-exp of the router logits (keeps them small)."""
-    return torch.stack([torch.logsumexp(lg.float(), dim=-1).pow(2).mean() for lg in router_logits]).mean()
+def router_z_loss(router_logits: list[torch.Tensor], reduce: Callable | None = None) -> torch.Tensor:
+    """ST-MoE's z-loss: mean squared log-sum-exp of the router logits (keeps them small), per layer, averaged
+    over layers. ``reduce``: as in ``load_balancing_loss``, sums and token counts over the sharing ranks."""
+    sums = torch.stack([torch.logsumexp(lg.float(), dim=-1).pow(2).sum() for lg in router_logits])
+    tokens = torch.tensor([float(lg.shape[0]) for lg in router_logits], device=sums.device)
+    if reduce is not None:
+        stats = reduce(torch.cat([sums, tokens]))
+        sums, tokens = stats[:len(router_logits)], stats[len(router_logits):]
+    return (sums / tokens).mean()
