@@ -1,0 +1,112 @@
+"""Context parallelism in real process groups (gloo, one process per rank, no launcher): a tiny Jamba whose
+sequence is split over cp ranks gives the unsplit model's losses (LM, load-balancing, z) on every rank and,
+summed over the ranks, cp times its gradient for every parameter, with documents crossing rank boundaries
+and starting exactly at them, with and without activation checkpointing; layouts it cannot run are refused
+with the key named. The launcher tests (cp with DeepSpeed, cp x ep, resume) are in tests/test_train.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+L = 64
+# row 0: documents cross the cp=2 and cp=4 boundaries (16, 32, 48); row 1: documents start exactly on them
+DOC_LENGTHS = [[10, 30, 5, 19], [16, 16, 20, 12]]
+AUX, Z = 0.01, 0.001
+
+
+def _batch(vocab: int, boundaries: bool):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, vocab, (2, L), generator=g)
+    targets = torch.randint(0, vocab, (2, L), generator=g)
+    targets[0, 5] = targets[1, 40] = -100
+    segment = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in DOC_LENGTHS])
+    return ids, targets, (segment if boundaries else None)
+
+
+def _total(lm, aux, z):
+    return lm + AUX * aux + Z * z
+
+
+def _worker(rank: int, world: int, port: int, boundaries: bool, checkpointing: bool, results) -> None:
+    import torch.distributed as dist
+
+    from model import Jamba, JambaConfig
+    from model.layers.feedforward import router_z_loss
+    from train.context_parallel import EXCHANGED, apply_context_parallel, make_groups, replica_losses
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-tiny.yaml")
+    ids, targets, segment = _batch(cfg.vocab_size, boundaries)
+
+    torch.manual_seed(0)
+    reference = Jamba(cfg)
+    out = reference(ids, segment=segment, output_router_logits=True, targets=targets, loss_reduction="sum")
+    lm_ref = out.lm_loss / (targets != -100).sum()
+    want = (float(lm_ref), float(out.aux_loss), float(router_z_loss(out.router_logits)))
+    _total(lm_ref, out.aux_loss, router_z_loss(out.router_logits)).backward()
+
+    torch.manual_seed(0)
+    model = Jamba(cfg)
+    model.activation_checkpointing = checkpointing
+    model.train()
+    cp = make_groups(world)
+    apply_context_parallel(model, cp)
+    part = slice(cp.rank * L // world, (cp.rank + 1) * L // world)
+    out = model(ids[:, part], segment=None if segment is None else segment[:, part], output_router_logits=True,
+                targets=targets[:, part], loss_reduction="sum")
+    EXCHANGED.clear()
+    lm, aux, z = replica_losses(out, targets[:, part], cfg.n_experts, cfg.top_k, cp, z_loss=True)
+    _total(lm, aux, z).backward()
+    worst = 0.0
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)      # what DeepSpeed's average over the cp ranks sees, times cp
+        err = float((grad / world - p_ref.grad).abs().max() / p_ref.grad.abs().max().clamp_min(1e-30))
+        worst = max(worst, err)
+        if err > 1e-4:
+            results[f"{rank}:{name}"] = err
+    results[rank] = {"losses": (float(lm), float(aux), float(z)), "want": want, "worst_grad_rel": worst}
+    dist.destroy_process_group()
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(("world", "boundaries", "checkpointing"),
+                         [(2, True, False), (2, False, True), (4, True, True)])
+def test_split_sequence_gives_the_unsplit_losses_and_gradients(world, boundaries, checkpointing):
+    """cp 4 > n_kv_heads 2 of jamba-tiny: the kv heads are replicated."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, _port(), boundaries, checkpointing, results), nprocs=world, join=True)
+    bad = {k: v for k, v in results.items() if isinstance(k, str)}
+    assert not bad, f"parameters whose gradient differs: {bad}"
+    for rank in range(world):
+        got, want = results[rank]["losses"], results[rank]["want"]
+        for name, a, b in zip(("lm", "aux", "z"), got, want):
+            assert abs(a - b) <= 1e-5 * abs(b), (rank, name, a, b)
+        assert results[rank]["worst_grad_rel"] < 1e-4
+
+
+def test_layouts_that_cannot_split_are_refused():
+    from model import JambaConfig
+    from train.context_parallel import check_layout
+
+    cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-tiny.yaml")   # 4 heads, 2 kv heads, d_conv 4
+    check_layout(4, 8, 64, cfg)
+    for args, message in [((3, 8, 64), "must divide the world size 8"), ((2, 4, 63), "must divide data.seq_len 63"),
+                          ((4, 4, 8), "fewer than the conv halo of 3"), ((8, 8, 64), "must divide n_heads 4")]:
+        with pytest.raises(ValueError, match=message):
+            check_layout(*args, cfg)
