@@ -32,10 +32,11 @@ def _attend_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: t
                    lo: int, hi: int, start: int) -> torch.Tensor:
     """Queries [lo, hi) against keys [start, hi), the mask built for that window only. Exact when no query
     of the block belongs to a document that begins before ``start`` (the caller's choice of ``start``)."""
-    same = segment[:, lo:hi, None] == segment[:, None, start:hi]
-    causal = torch.ones(hi - lo, hi - start, dtype=torch.bool, device=q.device).tril(lo - start)
+    mask = segment[:, lo:hi, None] == segment[:, None, start:hi]
+    # in place: one [b, block, window] bool alive besides the causal one, not a third for the conjunction
+    mask &= torch.ones(hi - lo, hi - start, dtype=torch.bool, device=q.device).tril(lo - start)
     return F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, start:hi], v[:, :, start:hi],
-                                          attn_mask=(same & causal)[:, None], enable_gqa=q.shape[1] != k.shape[1])
+                                          attn_mask=mask[:, None], enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor | None = None,
