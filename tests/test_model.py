@@ -1,4 +1,5 @@
-"""Config, parameter counts, decode parity with the cache, cache memory, document masking, generation, CLI."""
+"""Config, parameter counts, decode parity with the cache, cache memory, document masking (blocked attention's
+values, gradients and saved bytes), generation, CLI."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from model import Jamba, JambaConfig, ModelConfigError
 from model.cache import KVState
 from model.generate import generate, sample_next
 from model.layers import feedforward
+from model.layers.attention import attend
 from model.params import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +201,73 @@ def test_document_masking_isolates_packed_documents():
     assert (leaky[:, 11:] - alone).abs().max() > 1e-3  # without segments the second document sees the first
 
 
+def _packed_segments() -> torch.Tensor:
+    """Three rows of 100 tokens: a document crossing several 16-token blocks (30..74), one document only, and
+    short ones (a 16-token one starting on a block boundary, a 1-token one)."""
+    return torch.tensor([[0] * 30 + [1] * 45 + [2] * 25,
+                         [0] * 100,
+                         [0] * 16 + [1] * 16 + [2] + [3] * 52 + [4] * 15])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
+def test_blocked_document_attention_equals_one_masked_call(heads, kv_heads):
+    """Blocks of 16 queries over windows from their document's start give the single full-mask call's outputs
+    and q, k, v gradients, for the batch (whose row with one document keeps every window at 0) and for each
+    row alone (windows then start late); and both equal per-document causal attention."""
+    torch.manual_seed(0)
+    segment = _packed_segments()
+    b, L, hd = segment.shape[0], segment.shape[1], 8
+    q = torch.randn(b, heads, L, hd, requires_grad=True)
+    k = torch.randn(b, kv_heads, L, hd, requires_grad=True)
+    v = torch.randn(b, kv_heads, L, hd, requires_grad=True)
+    grad_out = torch.randn(b, heads, L, hd)
+    for rows in [slice(None)] + [slice(r, r + 1) for r in range(b)]:
+        qr, kr, vr, seg = q[rows], k[rows], v[rows], segment[rows]
+        whole = attend(qr, kr, vr, seg, block=L)
+        blocked = attend(qr, kr, vr, seg, block=16)
+        torch.testing.assert_close(blocked, whole)
+        want = torch.autograd.grad(whole, (qr, kr, vr), grad_out[rows])
+        got = torch.autograd.grad(blocked, (qr, kr, vr), grad_out[rows])
+        for name, g, w in zip("qkv", got, want):
+            torch.testing.assert_close(g, w, msg=name)
+        with torch.no_grad():   # the path without checkpoints
+            torch.testing.assert_close(attend(qr, kr, vr, seg, block=16), whole.detach())
+    with torch.no_grad():
+        for r in range(b):
+            for doc in segment[r].unique():
+                at = (segment[r] == doc).nonzero().flatten()
+                lo, hi = int(at[0]), int(at[-1]) + 1
+                alone = attend(q[r:r + 1, :, lo:hi], k[r:r + 1, :, lo:hi], v[r:r + 1, :, lo:hi])
+                torch.testing.assert_close(attend(q, k, v, segment, block=16)[r:r + 1, :, lo:hi], alone)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_blocked_document_attention_saves_no_mask_for_backward():
+    """L = 4096, block 256, fp32, 4 query / 2 kv heads of 16: the blocks' checkpoints keep q (1 MiB), k and
+    v (0.5 MiB each) and the segment ids (32 KiB): 2,129,920 bytes, 1/8 of the bare [L, L] bool mask (16 MiB).
+    The single masked call keeps the mask as a float copy (64 MiB; 70,320,128 bytes in all, torch 2.13)."""
+    torch.manual_seed(0)
+    L = 4096
+    segment = torch.tensor([[0] * 1000 + [1] * 2500 + [2] * 596])
+    q = torch.randn(1, 4, L, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, L, 16, requires_grad=True) for _ in range(2))
+    blocked = _saved_bytes(lambda: attend(q, k, v, segment, block=256))
+    assert blocked <= sum(t.nbytes for t in (q, k, v, segment)) < L * L // 4
+    assert _saved_bytes(lambda: attend(q, k, v, segment, block=L)) >= L * L   # the measure sees a mask
+
+
 def test_training_step_with_checkpointing_matches_without():
     torch.manual_seed(0)
     model = Jamba(tiny()).train()
@@ -215,6 +284,29 @@ def test_training_step_with_checkpointing_matches_without():
         assert torch.allclose(model.get_parameter(name).grad, g, atol=1e-6, rtol=1e-4), name
     assert len(out.expert_counts) == sum(model.cfg.is_moe(i) for i in range(model.cfg.n_layers))
     assert all(int(c.sum()) == 2 * 24 * model.cfg.top_k for c in out.expert_counts)
+
+
+def test_blocked_attention_inside_recomputed_layers_gives_the_same_step():
+    """The attention blocks' checkpoints nested in the layers' (activation checkpointing), with packed
+    documents: the loss and every gradient equal those of unblocked attention without recomputation."""
+    torch.manual_seed(0)
+    model = Jamba(tiny()).train()
+    ids = torch.randint(0, 2048, (2, 40))
+    segment = torch.tensor([[0] * 13 + [1] * 27, [0] * 30 + [1] * 10])
+    out = model(ids, labels=ids, segment=segment)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing = True
+    attention = [layer.self_attn for layer in model.layers if hasattr(layer, "self_attn")]
+    assert attention
+    for module in attention:
+        module.block = 8
+    out2 = model(ids, labels=ids, segment=segment)
+    out2.loss.backward()
+    torch.testing.assert_close(out2.loss, out.loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, g, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_bf16_forward_runs_and_is_close_to_fp32():

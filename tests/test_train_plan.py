@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from model import Jamba, JambaConfig
+from model.layers.attention import ATTN_BLOCK
 from model.params import count_parameters
 from tests.test_model import ROOT
 from train.config import TrainConfigError, load_train_config
-from train.plan import GIB, layer_activation_bytes, parse_size, plan_memory
+from train.plan import GIB, attention_working_set_bytes, layer_activation_bytes, parse_size, plan_memory
 
 H100 = ROOT / "configs/train/jamba-v0.1-h100.yaml"
 H100_LONG = ROOT / "configs/train/jamba-v0.1-h100-long.yaml"
@@ -38,18 +39,21 @@ def _saved_bytes_per_token(layer, h, segment) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("boundaries", [False, True])
-def test_layer_activation_estimate_matches_saved_tensors(dtype, boundaries):
+@pytest.mark.parametrize(("boundaries", "attn_block"), [(False, ATTN_BLOCK), (True, ATTN_BLOCK), (True, 128)])
+def test_layer_activation_estimate_matches_saved_tensors(dtype, boundaries, attn_block):
+    """attn_block 128 < L: document-masked attention in checkpointed query blocks (no mask kept)."""
     torch.manual_seed(0)
     cfg = JambaConfig(vocab_size=512, d_model=128, n_blocks=1, n_experts=8, ffn_dim=384, n_heads=4, n_kv_heads=2,
                       mamba_dt_rank=8)
     model = Jamba(cfg).to(dtype)
+    model.layers[4].self_attn.block = attn_block
     b, L = 2, 384
     segment = torch.tensor([0] * 100 + [1] * (L - 100)).repeat(b, 1) if boundaries else None
     for i in (0, 1, 4):  # Mamba + MLP, Mamba + MoE, attention + MLP
         h = torch.randn(b, L, cfg.d_model, dtype=dtype, requires_grad=True)
         measured = _saved_bytes_per_token(model.layers[i], h, segment)
-        estimate = layer_activation_bytes(cfg, i, 2 if dtype == torch.bfloat16 else 4, L, boundaries)
+        estimate = layer_activation_bytes(cfg, i, 2 if dtype == torch.bfloat16 else 4, L, boundaries,
+                                          attn_block=attn_block)
         assert abs(estimate / measured - 1) < 0.15, (i, estimate, measured)
 
 
@@ -169,6 +173,43 @@ def test_scan_block_keeps_what_the_working_set_assumes(boundaries):
         _block(x, dt, A, B, C, h0, seg, seg[:, 0] if boundaries else None, 32)
     units = sum(seen.values()) / (b * d * L * n * 4)
     assert abs(units - (6.25 if boundaries else 5.25)) < 0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_block_keeps_what_the_working_set_assumes(dtype):
+    """The plan's attention working set assumes a recomputed block of document-masked attention keeps, besides
+    views of q, k, v and its small output and log-sum-exp, one copy of its [b, block, window] mask in q's
+    dtype, and no [b, H, block, window] scores (which SDPA's math fallback would keep)."""
+    from model.layers.attention import _attend_window
+
+    b, H, KV, L, hd, a = 2, 4, 2, 384, 16, torch.empty(0, dtype=dtype).element_size()
+    lo, hi, start = 256, 384, 100          # the last block of 128 queries, its document starting at 100
+    q = torch.randn(b, H, L, hd, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, KV, L, hd, dtype=dtype, requires_grad=True) for _ in range(2))
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _attend_window(q, k, v, torch.tensor([0] * 100 + [1] * 284).repeat(b, 1), lo, hi, start)
+    block, window = hi - lo, hi - start
+    output_and_lse = b * H * block * (a * hd + 4)
+    assert sum(seen.values()) - output_and_lse == a * b * block * window
+
+
+def test_document_masked_attention_adds_one_block_to_the_backward_working_set():
+    model_cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
+    long = {"data.pack": "boundaries", "data.seq_len": 4 * ATTN_BLOCK}
+    plan = plan_memory(load_train_config(H100, long), model_cfg, 128)
+    concat = plan_memory(load_train_config(H100, {**long, "data.pack": "concat"}), model_cfg, 128)
+    block = attention_working_set_bytes(2, 4 * ATTN_BLOCK, 2, True)
+    assert block == 2 * ATTN_BLOCK * 4 * ATTN_BLOCK * (2 + 2 * 2)     # micro-batch 2, bf16
+    assert plan.terms["backward working set"] - concat.terms["backward working set"] >= block
+    assert attention_working_set_bytes(2, ATTN_BLOCK, 2, True) == 0       # one masked call: with the layer's
 
 
 @pytest.mark.parametrize(("zero", "refused"), [

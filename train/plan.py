@@ -14,7 +14,8 @@ Every term is counted from what this code base and DeepSpeed actually allocate (
 * **activations** per micro-batch: bytes kept for backward per token and layer (counted tensor by tensor
   from the forward passes in ``model/``, checked against autograd's saved tensors in tests), the LM head's
   logits in fp32 for the loss (or, with ``loss_chunk_tokens``, one chunk of them at a time), and the
-  backward working set; with activation checkpointing, each layer's input plus one layer recomputed;
+  backward working set (with document-masked attention longer than one query block, that block's mask);
+  with activation checkpointing, each layer's input plus one layer recomputed;
 * **all-to-all buffers**: expert parallelism's send / receive / return buffers for one MoE layer, scaled by
   ``expert_imbalance`` (the most-loaded rank receives this times the mean);
 * **framework**: CUDA context, NCCL and allocator reserve (a constant, ``overhead``).
@@ -40,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from model.config import JambaConfig
+from model.layers.attention import ATTN_BLOCK
 from model.memory import parse_size  # noqa: F401 - one size syntax for plans and the memory model
 from train.config import TrainConfig
 
@@ -54,16 +56,25 @@ def _norm(dim: int, a: int) -> int:
 
 
 def layer_activation_bytes(cfg: JambaConfig, layer: int, act_bytes: int, seq_len: int,
-                           boundaries: bool, kernels: bool = False) -> int:
+                           boundaries: bool, kernels: bool = False, attn_block: int = ATTN_BLOCK) -> int:
     """Bytes autograd keeps for backward, per token, for layer ``layer`` of the model (pure-PyTorch path,
-    or the mamba-ssm kernels' saved inputs when ``kernels``)."""
+    or the mamba-ssm kernels' saved inputs when ``kernels``); ``attn_block``: ``model.layers.attention``'s
+    query block for document-masked attention."""
     a, d, di, n, r = act_bytes, cfg.d_model, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank
     fp32_copy = 4 if a != 4 else 0             # x.float() is a new tensor only when x is not fp32
     total = _norm(d, a) * 2                    # input_layernorm, pre_ff_layernorm
     if cfg.is_attention(layer):
         kv = cfg.n_kv_heads * cfg.head_dim
-        # q, k, v, the attention output and its head-merged copy; log-sum-exp per head; the document mask
-        total += 3 * a * d + 2 * a * kv + 4 * cfg.n_heads + (seq_len if boundaries else 0)
+        if boundaries and seq_len > attn_block:
+            # checkpointed query blocks keep only their inputs: q, k, v (the segment ids are the batch's, held
+            # anyway); the concatenated output is not saved, its head-merged copy is (o_proj's input). No mask,
+            # no log-sum-exp: backward rebuilds them one block at a time (attention_working_set_bytes)
+            total += 2 * a * d + 2 * a * kv
+        else:
+            # q, k, v, the attention output and its head-merged copy; log-sum-exp per head; with documents the
+            # [L, L] mask, which the fused kernels (CPU flash, CUDA memory-efficient) keep as a copy in q's
+            # dtype: a bytes per key per token (measured), not the bool's one
+            total += 3 * a * d + 2 * a * kv + 4 * cfg.n_heads + (a * seq_len if boundaries else 0)
     elif kernels:
         # in_proj output, conv output, x_proj output and normalised dt/B/C, dt, scan output (kernels keep
         # their inputs and recompute the rest), gated output
@@ -109,6 +120,23 @@ def scan_working_set_bytes(cfg: JambaConfig, micro_batch: int, seq_len: int, bou
     more hold their gradients."""
     unit = micro_batch * cfg.d_inner * min(seq_len, SCAN_BLOCK) * cfg.mamba_d_state * 4
     return int((5.25 + (1 if boundaries else 0) + 3) * unit)
+
+
+def attention_working_set_bytes(micro_batch: int, seq_len: int, act_bytes: int, boundaries: bool,
+                                attn_block: int = ATTN_BLOCK) -> int:
+    """Document-masked attention in blocks: the one block recomputed in backward holds its [b, block, window]
+    mask, window <= seq_len (a document as long as the sequence), as one bool (plus the causal bool of
+    [block, window], counted as a second byte), the copy in q's dtype that SDPA's fused kernels take and
+    keep for the block's backward (measured on CPU in tests), and on CUDA that copy padded to 16 keys while
+    both exist (``pad_bias`` in PyTorch's attention.cpp; read, not measured).
+    The fused kernels materialise no scores; SDPA's math fallback would hold [b, H, block, window] fp32
+    scores and their softmax (8 H bytes per element) and is not planned: the test checks that SDPA does not
+    choose it on CPU; on CUDA the memory-efficient kernel takes bool masks (not measured here). The window's
+    k and v gradients are activation-gradient sized (the layer term). A single masked call (seq_len <=
+    block) keeps its mask with the layer's activations instead."""
+    if not boundaries or seq_len <= attn_block:
+        return 0
+    return micro_batch * attn_block * seq_len * (2 + 2 * act_bytes)
 
 
 @dataclass
@@ -245,6 +273,9 @@ def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: 
     logit_tokens = min(chunk, T) if chunk > 0 else T
     logit_work = head_working_set_bytes(model_cfg, a, chunked=chunk > 0)
     terms["backward working set"] = T * max(per_layer) + logit_tokens * logit_work
+    if any(model_cfg.is_attention(i) for i in range(model_cfg.n_layers)):
+        # layers run one at a time in backward: one attention block's mask at a time
+        terms["backward working set"] += attention_working_set_bytes(p.micro_batch, cfg.data.seq_len, a, boundaries)
     if not kernels and any(not model_cfg.is_attention(i) for i in range(model_cfg.n_layers)):
         terms["scan working set"] = scan_working_set_bytes(model_cfg, p.micro_batch, cfg.data.seq_len, boundaries)
     if p.ep_size > 1 and model_cfg.n_experts > 1:
