@@ -33,7 +33,7 @@ def _total(lm, aux, z):
     return lm + AUX * aux + Z * z
 
 
-def _worker(rank: int, world: int, port: int, boundaries: bool, checkpointing: bool, results) -> None:
+def _worker(rank: int, world: int, cp_size: int, port: int, boundaries: bool, checkpointing: bool, results) -> None:
     import torch.distributed as dist
 
     from model import Jamba, JambaConfig
@@ -57,9 +57,9 @@ def _worker(rank: int, world: int, port: int, boundaries: bool, checkpointing: b
     model = Jamba(cfg)
     model.activation_checkpointing = checkpointing
     model.train()
-    cp = make_groups(world)
+    cp = make_groups(cp_size)
     apply_context_parallel(model, cp)
-    part = slice(cp.rank * L // world, (cp.rank + 1) * L // world)
+    part = slice(cp.rank * L // cp_size, (cp.rank + 1) * L // cp_size)
     out = model(ids[:, part], segment=None if segment is None else segment[:, part], output_router_logits=True,
                 targets=targets[:, part], loss_reduction="sum")
     EXCHANGED.clear()
@@ -68,8 +68,8 @@ def _worker(rank: int, world: int, port: int, boundaries: bool, checkpointing: b
     worst = 0.0
     for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
         grad = p.grad.clone()
-        dist.all_reduce(grad)      # what DeepSpeed's average over the cp ranks sees, times cp
-        err = float((grad / world - p_ref.grad).abs().max() / p_ref.grad.abs().max().clamp_min(1e-30))
+        dist.all_reduce(grad, group=cp.group)   # what DeepSpeed's average over the cp ranks sees, times cp
+        err = float((grad / cp_size - p_ref.grad).abs().max() / p_ref.grad.abs().max().clamp_min(1e-30))
         worst = max(worst, err)
         if err > 1e-4:
             results[f"{rank}:{name}"] = err
@@ -83,14 +83,15 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize(("world", "boundaries", "checkpointing"),
-                         [(2, True, False), (2, False, True), (4, True, True)])
-def test_split_sequence_gives_the_unsplit_losses_and_gradients(world, boundaries, checkpointing):
-    """cp 4 > n_kv_heads 2 of jamba-tiny: the kv heads are replicated."""
+@pytest.mark.parametrize(("world", "cp_size", "boundaries", "checkpointing"),
+                         [(4, 2, True, False), (2, 2, False, True), (4, 4, True, True)])
+def test_split_sequence_gives_the_unsplit_losses_and_gradients(world, cp_size, boundaries, checkpointing):
+    """cp 4 > n_kv_heads 2 of jamba-tiny: the kv heads are replicated. World 4 with cp 2: two groups, one
+    without rank 0 (collectives on a subgroup use group ranks, not global ones)."""
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _port(), boundaries, checkpointing, results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, cp_size, _port(), boundaries, checkpointing, results), nprocs=world, join=True)
     bad = {k: v for k, v in results.items() if isinstance(k, str)}
     assert not bad, f"parameters whose gradient differs: {bad}"
     for rank in range(world):
@@ -110,3 +111,11 @@ def test_layouts_that_cannot_split_are_refused():
                           ((4, 4, 8), "fewer than the conv halo of 3"), ((8, 8, 64), "must divide n_heads 4")]:
         with pytest.raises(ValueError, match=message):
             check_layout(*args, cfg)
+
+
+def test_config_refuses_a_cp_size_that_does_not_divide_the_sequence():
+    from train.config import TrainConfigError, load_train_config
+
+    with pytest.raises(TrainConfigError, match=r"tiny-cpu.yaml: <root>: parallel.cp_size: 3 must divide data.seq_len"):
+        load_train_config(ROOT / "configs/train/tiny-cpu.yaml", {"parallel.cp_size": 3})
+    assert load_train_config(ROOT / "configs/train/tiny-cpu.yaml", {"parallel.cp_size": 2}).parallel.cp_size == 2

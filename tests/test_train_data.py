@@ -316,3 +316,24 @@ def test_errors_before_training(run_dir, tmp_path):
     sampler = MixtureSampler(streams, None, seq_len=(shortest + longest) // 2, seed=0)
     assert len(sampler.names) < len(streams)
     assert sum(sampler.slots.values()) == sampler.block
+
+
+def test_context_parallel_ranks_take_contiguous_chunks_of_the_same_packed_samples(run_dir):
+    """The cp ranks of a replica read the replica's samples and keep their columns; concatenated they are the
+    replica's batch, document ids included (consistent across the cut), with a document crossing a cut."""
+    streams, _ = load_streams([run_dir], model_vocab=1024)
+    whole = RankLoader(MixtureSampler(streams, None, 64, 5), micro_batch=3, rank=1, world=2, eos_id=EOS)
+    parts = [RankLoader(MixtureSampler(streams, None, 64, 5), 3, 1, 2, EOS, cp_rank=c, cp_size=4) for c in range(4)]
+    crossed = False
+    for _ in range(3):
+        want = whole.next_batch()
+        got = [p.next_batch() for p in parts]
+        for field in ("input_ids", "targets", "segment"):
+            assert all(getattr(g, field).shape == (3, 16) for g in got)
+            assert np.array_equal(np.concatenate([getattr(g, field) for g in got], axis=1), getattr(want, field))
+        crossed |= bool((want.segment[:, 15] == want.segment[:, 16]).any())
+        assert all(g.sources == want.sources for g in got)
+    assert crossed
+    assert all(p.sampler.state == whole.sampler.state for p in parts)   # every cp rank advances the same state
+    with pytest.raises(DataError, match="parallel.cp_size: 3 must divide data.seq_len 64"):
+        RankLoader(MixtureSampler(streams, None, 64, 5), 3, 1, 2, EOS, cp_rank=0, cp_size=3)

@@ -40,6 +40,14 @@ def _non_expert_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor
             yield name, param
 
 
+def canonical_parameter_names(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, parameter) with names that do not depend on the parallel layout: non-expert parameters by
+    their own name, this rank's experts as ``layers.<i>.feed_forward.<leaf>[<global expert>]``."""
+    yield from _non_expert_parameters(model)
+    for _, param, stacked, expert in _expert_parameters(model):
+        yield f"{stacked}[{expert}]", param
+
+
 @torch.no_grad()
 def initialise_(model: nn.Module, cfg: JambaConfig, seed: int) -> None:
     """Keyed initialisation of a materialised, possibly expert-sharded model."""

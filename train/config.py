@@ -85,6 +85,12 @@ class TrainConfig(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _context_splits_the_sequence(self) -> TrainConfig:
+        if self.data.seq_len % self.parallel.cp_size:
+            raise ValueError(f"parallel.cp_size: {self.parallel.cp_size} must divide data.seq_len {self.data.seq_len}")
+        return self
+
 
 def load_train_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> TrainConfig:
     path = Path(path)

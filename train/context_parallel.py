@@ -58,10 +58,8 @@ class ContextParallel:
 
     def all_gather(self, x: torch.Tensor, what: str) -> list[torch.Tensor]:
         """Every cp rank's ``x``, differentiable (the gradient of each copy returns to its owner)."""
-        from torch.distributed.nn.functional import all_gather
-
         EXCHANGED[what] += (self.size - 1) * x.numel() * x.element_size()
-        return list(all_gather(x.contiguous(), group=self.group))
+        return list(_AllGather.apply(x.contiguous(), self.group, self.size).unbind(0))
 
     def all_gather_ids(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every cp rank's integer ``x`` (document ids: no gradient)."""
@@ -82,6 +80,25 @@ class ContextParallel:
         from torch.distributed.nn.functional import all_reduce
 
         return all_reduce(x, group=self.group)
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather into one ``[size, ...]`` tensor; backward sends each rank's part of the gradient home and
+    sums it there. Not ``torch.distributed.nn.functional.all_gather``: on gloo its backward scatters with
+    group ranks passed as global ranks, which fails in every group that does not contain rank 0."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, size: int) -> torch.Tensor:
+        ctx.group = group
+        out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))   # gloo wants the parts concatenated
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out.view((size,) + tuple(x.shape))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(back, grad.contiguous(), group=ctx.group)   # part j of every rank -> rank j
+        return back.sum(0), None, None
 
 
 def check_layout(cp_size: int, world: int, seq_len: int, model_cfg) -> None:

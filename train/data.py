@@ -367,14 +367,23 @@ class Batch:
 
 class RankLoader:
     """Micro-batches for one data-parallel rank: global samples r, r + w, ...; each rank computes only its
-    own ``micro_batch`` samples per batch."""
+    own ``micro_batch`` samples per batch.
+
+    With context parallelism (``cp_size`` > 1) ``rank`` and ``world`` are the data-parallel rank and size;
+    the ``cp_size`` ranks of one replica read the same samples, pack them the same way (document ids and
+    ignored targets are computed on the whole sequence) and each keeps its contiguous ``seq_len / cp_size``
+    columns, ``cp_rank``-th."""
 
     def __init__(self, sampler: MixtureSampler, micro_batch: int, rank: int, world: int, eos_id: int,
-                 pack: str = "boundaries"):
+                 pack: str = "boundaries", cp_rank: int = 0, cp_size: int = 1):
         if pack not in ("boundaries", "concat"):
             raise DataError(f"data.pack: must be 'boundaries' or 'concat', got {pack!r}")
+        if (sampler.window_len - 1) % cp_size:
+            raise DataError(f"parallel.cp_size: {cp_size} must divide data.seq_len {sampler.window_len - 1}")
         self.sampler, self.micro_batch, self.rank, self.world = sampler, micro_batch, rank, world
         self.eos_id, self.pack = eos_id, pack
+        chunk = (sampler.window_len - 1) // cp_size
+        self.columns = slice(cp_rank * chunk, (cp_rank + 1) * chunk)
 
     def next_batch(self) -> Batch:
         sampler = self.sampler
@@ -392,4 +401,6 @@ class RankLoader:
             targets[inputs == self.eos_id] = -100  # don't predict a new document from the previous one
         else:
             segment = np.zeros_like(inputs)
-        return Batch(inputs, targets, segment, names)
+        cols = self.columns
+        return Batch(np.ascontiguousarray(inputs[:, cols]), np.ascontiguousarray(targets[:, cols]),
+                     np.ascontiguousarray(segment[:, cols]), names)

@@ -1,4 +1,5 @@
-"""The training loop: DeepSpeed (ZeRO 1/2, bf16, clipping, accumulation) + Jamba's expert parallelism.
+"""The training loop: DeepSpeed (ZeRO 1/2, bf16, clipping, accumulation) + Jamba's expert and context
+parallelism.
 
 Launch: ``deepspeed [--num_gpus N | --hostfile F] --module train --config configs/train/X.yaml`` or
 ``python -m train --config X`` for one process. On CPU, DeepSpeed's CPU accelerator with gloo.
@@ -170,6 +171,36 @@ class TensorBoard:
         self.writer.flush()
 
 
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+GRADIENT_DUMP_ENV = "JAMBA_DUMP_GRADIENTS"
+
+
+def _gradient_dump(cfg: TrainConfig, rank: int):
+    """With ``JAMBA_DUMP_GRADIENTS=DIR``: after the first step's last backward (gradients accumulated and
+    reduced), each rank saves ``DIR/rank<r>.pt``, {parameter: gradient} under layout-independent names
+    (expert parameters as ``layers.<i>.feed_forward.<gate_up|down>[<global expert>]``), so that parity
+    checks can compare every gradient between parallel layouts. Needs ZeRO stage 0, where each parameter's
+    ``.grad`` then holds the step's gradient (ZeRO 1/2 move it into flat partitions)."""
+    directory = os.environ.get(GRADIENT_DUMP_ENV)
+    if not directory:
+        return None
+    if cfg.parallel.zero_stage != 0:
+        raise ValueError(f"{GRADIENT_DUMP_ENV}: needs parallel.zero_stage 0")
+
+    def dump(module: torch.nn.Module) -> None:
+        from train.build import canonical_parameter_names
+
+        grads = {name: p.grad.detach().float().cpu().clone() for name, p in canonical_parameter_names(module)
+                 if p.grad is not None}
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save(grads, Path(directory) / f"rank{rank}.pt")
+
+    return dump
+
+
 def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -180,6 +211,13 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     from train import device_guard
     from train.build import build_rank_model, local_parameter_bytes
     from train.checkpoint import prune_checkpoints, read_latest
+    from train.context_parallel import (
+        apply_context_parallel,
+        check_layout,
+        make_groups,
+        replica_losses,
+        sequence_expert_counts,
+    )
     from train.data import MixtureSampler, RankLoader, SamplerState, load_streams
 
     if torch.cuda.is_available():  # this rank's GPU, before any communicator or tensor is made
@@ -194,6 +232,9 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     model_cfg = JambaConfig.from_yaml(cfg.model)
     if model_cfg.n_experts % cfg.parallel.ep_size:
         raise ValueError(f"parallel.ep_size: {cfg.parallel.ep_size} does not divide n_experts {model_cfg.n_experts}")
+    check_layout(cfg.parallel.cp_size, world, cfg.data.seq_len, model_cfg)
+    cp = make_groups(cfg.parallel.cp_size)      # rank = dp_rank * cp + cp_rank
+    dp, dp_rank = world // cp.size, rank // cp.size
     streams, tokenizer = load_streams(cfg.data.runs, model_cfg.vocab_size, cfg.data.weights)
     if cfg.init_from and not (Path(cfg.init_from) / "config.json").exists():
         raise ValueError(f"init_from: {cfg.init_from} is not a checkpoint directory (no config.json)")
@@ -212,6 +253,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     startup = {"rank": rank, "device": str(device), "local_parameter_bytes": local_parameter_bytes(model),
                "host_peak_above_baseline_bytes": max(0, _vm_hwm() - baseline),
                "init_from": None if resuming else cfg.init_from}
+    apply_context_parallel(model, cp)
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg.optim.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -223,7 +265,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         log(f"collective device guard on ({device_guard.ENV}): every collective's tensors must be on {device}")
 
     sampler = MixtureSampler(streams, cfg.data.weights, cfg.data.seq_len, cfg.data.seed)
-    loader = RankLoader(sampler, cfg.parallel.micro_batch, rank, world, tokenizer["eos_id"], cfg.data.pack)
+    loader = RankLoader(sampler, cfg.parallel.micro_batch, dp_rank, dp, tokenizer["eos_id"], cfg.data.pack,
+                        cp.rank, cp.size)
     ckpt_dir = Path(cfg.checkpoint.dir)
     start = 0
     if (ckpt_dir / "latest").exists():
@@ -235,7 +278,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     assert engine.device == device, (engine.device, device)
     fpt = training_flops_per_token(model_cfg, cfg.data.seq_len)
     peak = peak_flops_per_device(cfg)
-    tokens_per_step = cfg.data.seq_len * cfg.parallel.micro_batch * cfg.parallel.grad_accum * world
+    tokens_per_step = cfg.data.seq_len * cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp
+    dump = _gradient_dump(cfg, rank)
     metrics_path = ckpt_dir / "metrics.jsonl"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "startup").mkdir(exist_ok=True)
@@ -249,31 +293,38 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                 group["lr"] = lr
             started = time.perf_counter()
             losses, auxes, counts = [], [], None
-            for _ in range(cfg.parallel.grad_accum):
+            for micro in range(cfg.parallel.grad_accum):
                 batch = loader.next_batch()
                 ids = torch.from_numpy(batch.input_ids).to(device)
                 targets = torch.from_numpy(batch.targets).to(device)
                 segment = torch.from_numpy(batch.segment).to(device) if cfg.data.pack == "boundaries" else None
                 # DeepSpeed holds the parameters in bf16 when bf16 is enabled (fp32 master copies in the optimizer)
                 out = engine(ids, segment=segment, output_router_logits=True, targets=targets,
-                             loss_chunk=cfg.parallel.loss_chunk_tokens)
-                lm = out.lm_loss
+                             loss_chunk=cfg.parallel.loss_chunk_tokens, loss_reduction="sum")
+                # the losses of the whole sequences, equal on the cp ranks that share them (cp 1: this rank's)
+                lm, aux, z = replica_losses(out, targets, model_cfg.n_experts, model_cfg.top_k, cp,
+                                            z_loss=model_cfg.router_z_loss_coef > 0)
                 loss = lm
-                if out.aux_loss is not None:
-                    loss = loss + model_cfg.router_aux_loss_coef * out.aux_loss
-                    auxes.append(float(out.aux_loss))
-                if out.z_loss is not None:
-                    loss = loss + model_cfg.router_z_loss_coef * out.z_loss
+                if aux is not None:
+                    loss = loss + model_cfg.router_aux_loss_coef * aux
+                    auxes.append(float(aux))
+                if z is not None:
+                    loss = loss + model_cfg.router_z_loss_coef * z
                 engine.backward(loss)
+                if dump is not None and micro == cfg.parallel.grad_accum - 1:
+                    dump(engine.module)
+                    dump = None
                 engine.step()
                 losses.append(float(lm))
-                counts = out.expert_counts
+                counts = sequence_expert_counts(out.expert_counts, cp)
             elapsed = time.perf_counter() - started
-            # on the engine's device: NCCL has no CPU tensors (train/device_guard.py checks this on CPU ranks)
+            # on the engine's device: NCCL has no CPU tensors (train/device_guard.py checks this on CPU ranks);
+            # the cp ranks of a replica hold the same (replica) loss, so the mean over all ranks is over replicas
             mean_loss = torch.tensor(sum(losses) / len(losses), device=device)
             torch.distributed.all_reduce(mean_loss)
             record = {"step": step + 1, "loss": float(mean_loss) / world, "lr": lr,
-                      "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                      # None where DeepSpeed computes none (ZeRO-0 in fp32 clips without keeping the norm)
+                      "grad_norm": _optional_float(engine.get_global_grad_norm()),
                       "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
                       "aux_loss": sum(auxes) / len(auxes) if auxes else None, **expert_load(counts or [])}
             record["model_flops_per_s"] = fpt * record["tokens_per_s"]
@@ -287,7 +338,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                 if (step + 1) % cfg.log.every == 0:
                     eta = (cfg.steps - step - 1) * elapsed
                     log(f"step {step + 1}/{cfg.steps} loss {record['loss']:.4f} lr {lr:.2e} "
-                        f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
+                        + (f"gnorm {record['grad_norm']:.3f} " if record["grad_norm"] is not None else "")
+                        + f"{record['tokens_per_s']:.0f} tok/s "
                         + (f"mfu {100 * record['mfu']:.1f}% " if record["mfu"] is not None else "")
                         + f"mem {record['peak_mem_bytes'] / 2**30:.2f}GiB "
                         f"experts cv {record.get('expert_load_cv_mean', 0):.2f} eta {eta:.0f}s")
