@@ -219,3 +219,33 @@ def test_state_passing_over_chunks_equals_one_scan_with_gradients(resets, parts)
     w_y, w_h = torch.randn_like(y_ref), torch.randn_like(h_ref)
     for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "D", "h0"], _grads(y, h, got, w_y, w_h), _grads(y_ref, h_ref, ref, w_y, w_h)):
         assert rel(g, g_ref) < 1e-4, name
+
+
+def test_state_passing_scan_on_the_kernel_path_keeps_the_final_state_differentiable(monkeypatch):
+    """On CUDA ``scan_for_state_passing`` takes its outputs from mamba-ssm's ``selective_scan_fn``, whose last
+    state has no gradient, and the final state from ``final_state``. Here a stand-in with the kernel's
+    signature and outputs (computed by the pure scan, its last state never returned) takes the kernel's
+    place: outputs, final state and all gradients equal the pure path's."""
+    from model import scan
+
+    def fake_kernel(x, dt_raw, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
+        assert z is None and delta_softplus
+        y, _ = chunked_scan(x, F.softplus(dt_raw.float() + delta_bias[None, :, None]), A, B, C, D)
+        return y
+
+    b, d, n, L = 2, 8, 4, 40
+    x, raw, A, B, C, D = inputs(b, d, n, L)
+    bias = torch.randn(d)
+    results = []
+    for kernel in (False, True):
+        if kernel:
+            monkeypatch.setattr(scan, "use_kernels", lambda *a: True)
+            monkeypatch.setattr(scan, "kernels", lambda: {"selective_scan_fn": fake_kernel})
+        leaves = [t.clone().requires_grad_(True) for t in (x, raw, A, B, C, D)]
+        y, dt, h = scan.scan_for_state_passing(leaves[0], leaves[1], bias, *leaves[2:], chunk=8)
+        grads = torch.autograd.grad((y * torch.cos(y)).sum() + (h * h).sum(), leaves)
+        results.append((y, dt, h, grads))
+    (y0, dt0, h0, g0), (y1, dt1, h1, g1) = results
+    assert rel(y1, y0) < 1e-6 and rel(dt1, dt0) < 1e-6 and rel(h1, h0) < 1e-5
+    for name, a, b_ in zip(["x", "dt_raw", "A", "B", "C", "D"], g1, g0):
+        assert rel(a, b_) < 1e-4, name
