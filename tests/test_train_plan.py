@@ -1,5 +1,6 @@
-"""The memory plan: per-layer activation bytes against autograd's saved tensors, ZeRO / expert-data-parallel
-partitioning arithmetic, the H100 launch configs, the CLI's verdicts, and DeepSpeed JSON checks.
+"""The memory plan: per-layer activation bytes against autograd's saved tensors (context-parallel layers too),
+ZeRO / expert-data-parallel partitioning arithmetic, context parallelism's terms, the H100 launch configs, the
+CLI's verdicts, and DeepSpeed JSON checks.
 (The whole-plan cross-check against measured peak memory runs in tests/test_train.py.)"""
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from model.layers.attention import ATTN_BLOCK
 from model.params import count_parameters
 from tests.test_model import ROOT
 from train.config import TrainConfigError, load_train_config
-from train.plan import GIB, attention_working_set_bytes, layer_activation_bytes, parse_size, plan_memory
+from train.plan import (
+    GIB,
+    attention_working_set_bytes,
+    layer_activation_bytes,
+    load_deepspeed_extra,
+    parse_size,
+    plan_memory,
+)
 
 H100 = ROOT / "configs/train/jamba-v0.1-h100.yaml"
 H100_LONG = ROOT / "configs/train/jamba-v0.1-h100-long.yaml"
@@ -257,3 +265,225 @@ def test_memory_check_plans_the_mamba_path_that_will_run():
     pure = plan_memory(concat, model_cfg, 128, kernels=False)
     fast = plan_memory(concat, model_cfg, 128, kernels=True)
     assert "scan working set" in pure.terms and "scan working set" not in fast.terms
+
+
+# ---------------------------------------------------------------------------------------- context parallelism
+H100_256K = ROOT / "configs/train/jamba-v0.1-h100-256k.yaml"
+H100_1M = ROOT / "configs/train/jamba-v0.1-h100-1m.yaml"
+
+
+@pytest.fixture(scope="module")
+def gloo_world_of_one():
+    """A one-rank gloo group, so the context-parallel layers' collectives run in this process."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()       # leave no group behind for later tests in this process
+
+
+def _last_rank_of(size: int):
+    """The last rank of a cp group of ``size``, simulated in one process: each gathered or exchanged tensor is a
+    copy of this rank's (``clone``: its own storage, as a received tensor has), so the rank holds what a real
+    one holds (the gathered states of every earlier rank; Ulysses' whole sequence for H/cp heads), though the
+    values are not another rank's. Memory only: tests/test_context_parallel.py checks the values over real
+    process groups."""
+    from train.context_parallel import ContextParallel
+
+    class LastRank(ContextParallel):
+        def all_gather(self, x, what):
+            return [x.clone() for _ in range(self.size)]
+
+        def all_gather_ids(self, x):
+            return [x + 1000 * j for j in range(self.size)]       # later chunks: later documents
+
+        def all_to_all(self, x, what):
+            return x.clone()
+
+    return LastRank(size, size - 1, None)
+
+
+def _as_cp(model, cp) -> None:
+    from train.context_parallel import ContextParallelMamba, UlyssesAttention
+
+    for layer in model.layers:
+        mixer = layer.mamba if layer.kind == "mamba" else layer.self_attn
+        mixer.__class__ = ContextParallelMamba if layer.kind == "mamba" else UlyssesAttention
+        mixer.cp = cp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("boundaries", [False, True])
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
+def test_cp_layer_activation_estimate_matches_saved_tensors(gloo_world_of_one, dtype, boundaries, cp_size):
+    """The context-parallel Mamba and attention layers (classes swapped by hand, as apply_context_parallel does
+    for cp > 1) against autograd's saved tensors, per token the rank holds: cp 1 runs the real collectives on a
+    one-rank gloo group; cp 2 and 4 the last rank of a simulated group (its gathered states; at cp 4 > n_kv_heads
+    2 the replicated kv heads; with documents at cp 2 the whole sequence of 768 queries in one masked call, at
+    cp 4 1536 > ATTN_BLOCK in checkpointed blocks). Mamba's per-token bytes do not depend on cp (> 1); its
+    gathered states are per layer (``cp_state_bytes``; at cp 1 the rank keeps 2 such [b, d_inner, d_state]
+    tensors: its total decay and the zero entering state)."""
+    from train.context_parallel import ContextParallel
+    from train.plan import cp_state_bytes
+
+    torch.manual_seed(0)
+    cfg = JambaConfig(vocab_size=512, d_model=128, n_blocks=1, n_experts=8, ffn_dim=384, n_heads=4, n_kv_heads=2,
+                      mamba_dt_rank=8)
+    model = Jamba(cfg).to(dtype)
+    model.set_cuda_kernels(False)
+    _as_cp(model, ContextParallel(1, 0, gloo_world_of_one) if cp_size == 1 else _last_rank_of(cp_size))
+    a = 2 if dtype == torch.bfloat16 else 4
+    b, Lc = 2, 384                                                   # tokens this rank holds
+    segment = torch.tensor([0] * 100 + [1] * (Lc - 100)).repeat(b, 1) if boundaries else None
+    state_unit = b * cfg.d_inner * cfg.mamba_d_state * 4
+    for i in (0, 1, 4):  # Mamba + MLP, Mamba + MoE, attention + MLP
+        h = torch.randn(b, Lc, cfg.d_model, dtype=dtype, requires_grad=True)
+        measured = _saved_bytes_per_token(model.layers[i], h, segment)
+        # Mamba layers: the cp layer's bytes (any cp > 1: they do not depend on it), whatever the group size
+        estimate = layer_activation_bytes(cfg, i, a, Lc * cp_size, boundaries, cp=cp_size if i == 4 else 2)
+        if i != 4:
+            per_layer = cp_state_bytes(cfg, b, cp_size) if cp_size > 1 else 2 * state_unit
+            estimate += per_layer / (b * Lc)
+        assert abs(estimate / measured - 1) < 0.10, (i, estimate, measured)   # measured: 0.95 to 1.05
+
+
+def test_state_passing_blocks_keep_what_the_working_set_assumes():
+    """The plan's state-passing working set assumes a recomputed block of ``scan.state_correction`` or of
+    ``scan.final_state`` keeps 2 fp32 tensors of [b, d_inner, block, d_state] for its backward."""
+    from model.scan import _correction_block, _final_block
+
+    b, d, n, L = 2, 32, 16, 256
+    cum = torch.rand(b, d, L).cumsum(-1).requires_grad_()
+    A, C, h = -torch.rand(d, n, requires_grad=True), torch.randn(b, n, L, requires_grad=True), torch.randn(b, d, n)
+    dt, x, B = torch.rand(b, d, L, requires_grad=True), torch.randn(b, d, L, requires_grad=True), torch.randn(b, n, L)
+    for fn, args in ((_correction_block, (cum, A, C, h.requires_grad_(), None)),
+                     (_final_block, (cum, dt, x, B, A, None))):
+        inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+        seen = {}
+
+        def pack(t, inputs=inputs, seen=seen):
+            if t.untyped_storage().data_ptr() not in inputs:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*args)
+        assert abs(sum(seen.values()) / (b * d * L * n * 4) - 2) < 0.1, fn.__name__
+
+
+def _long(cp: int, seq_len: int, **more):
+    return load_train_config(H100_LONG, {"parallel.cp_size": cp, "data.seq_len": seq_len, **more})
+
+
+def test_cp_divides_activations():
+    """Per token a rank holds, cp changes only the Mamba mixer (the context-parallel one keeps more) and, beyond
+    n_kv_heads ranks, attention's kv heads: at the same tokens per rank the per-token terms of cp 2 and cp 4 are
+    equal, and cp 1 differs from cp 2 by one constant in the Mamba layers only. At the same seq_len the
+    activations shrink cp times between cp > 1 layouts (cp 8 -> 32: 4x, the kv replication of cp 32 lying in an
+    attention layer, not the widest, which alone is recomputed under activation checkpointing); from cp 1 to 2
+    by less on the kernel path (1.55x at 16K: the cp mixer runs its softplus, final state, correction and gate
+    in PyTorch) than on the pure path (1.96x)."""
+    from train.plan import head_working_set_bytes
+
+    model_cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
+    L = 16384
+    for kernels in (True, False):
+        per = {cp: [layer_activation_bytes(model_cfg, i, 2, L * cp, False, kernels, cp=cp)
+                    for i in range(model_cfg.n_layers)] for cp in (1, 2, 4)}
+        assert per[2] == per[4]
+        extra = {p2 - p1 for i, (p1, p2) in enumerate(zip(per[1], per[2])) if not model_cfg.is_attention(i)}
+        assert len(extra) == 1 and extra.pop() > 0
+        assert all(per[1][i] == per[2][i] for i in model_cfg.attention_layers)
+        plans = {cp: plan_memory(_long(cp, L * cp), model_cfg, 128, kernels=kernels) for cp in (2, 4)}
+        assert plans[2].tokens_per_micro_batch == plans[4].tokens_per_micro_batch == L
+        for term in ("activations", "backward working set", "state-passing working set", "all-to-all buffers"):
+            assert plans[2].terms[term] == plans[4].terms[term], term
+        # the gathered states are per Mamba layer and grow with cp: 3 cp - 1 [b, d_inner, d_state] fp32 tensors
+        unit = model_cfg.d_inner * model_cfg.mamba_d_state * 4
+        assert plans[4].terms["gathered Mamba states (cp)"] == 11 * unit == 11 / 5 * plans[2].terms[
+            "gathered Mamba states (cp)"]
+        same = {cp: plan_memory(_long(cp, 262144), model_cfg, 128, kernels=kernels) for cp in (8, 32)}
+        assert same[8].terms["activations"] == 4 * same[32].terms["activations"]
+        logits = 4096 * head_working_set_bytes(model_cfg, 2, chunked=True)     # one loss chunk: whatever cp
+        assert same[8].terms["backward working set"] - logits == 4 * (same[32].terms["backward working set"] - logits)
+        ratio = (plan_memory(_long(1, L), model_cfg, 128, kernels=kernels).terms["activations"]
+                 / plan_memory(_long(2, L), model_cfg, 128, kernels=kernels).terms["activations"])
+        assert (1.5 < ratio < 1.6) if kernels else (1.9 < ratio < 2.0), (kernels, ratio)
+
+
+def test_kv_replication_beyond_n_kv_raises_the_attention_terms():
+    """jamba-v0.1 has 8 kv heads: up to cp 8 they are split (the same bytes per token as without cp); at cp 16
+    and 32 each rank holds one, replicated: 16 and 32 kv heads' worth of k and v per token, in the layer and in
+    its exchange buffers."""
+    from train.plan import cp_exchange_bytes
+
+    model_cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
+    attn, hd, a = model_cfg.attention_layers[0], model_cfg.head_dim, 2
+    by_cp = {cp: layer_activation_bytes(model_cfg, attn, a, 262144, False, True, cp=cp) for cp in (1, 2, 8, 16, 32)}
+    assert by_cp[1] == by_cp[2] == by_cp[8]
+    assert by_cp[16] - by_cp[8] == 2 * a * (16 - 8) * hd and by_cp[32] - by_cp[8] == 2 * a * (32 - 8) * hd
+    assert cp_exchange_bytes(model_cfg, a, 32) - cp_exchange_bytes(model_cfg, a, 8) == 2 * a * 2 * (32 - 8) * hd
+    mamba = [i for i in range(model_cfg.n_layers) if not model_cfg.is_attention(i)][0]
+    assert len({layer_activation_bytes(model_cfg, mamba, a, 262144, False, True, cp=cp) for cp in (2, 8, 32)}) == 1
+
+
+def test_cp_layout_errors_name_the_key():
+    model_cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
+    for overrides, world, message in (
+            ({"parallel.cp_size": 3}, 128, "parallel.cp_size: 3 must divide the world size 128"),
+            ({"parallel.cp_size": 2, "data.seq_len": 16385}, 128, "parallel.cp_size: 2 must divide data.seq_len"),
+            ({"parallel.cp_size": 64, "data.seq_len": 65536}, 128, "parallel.cp_size: 64 must divide n_heads 32")):
+        with pytest.raises(ValueError, match=message):
+            plan_memory(load_train_config(H100_LONG, overrides), model_cfg, world)
+    bad = _plan_cli("--config", str(H100_LONG), "--gpus", "128", "--set", "parallel.cp_size=3")
+    assert bad.returncode == 2 and "parallel.cp_size: 3 must divide the world size 128" in bad.stderr
+
+
+def _header_gpus(path) -> tuple[int, str]:
+    import re
+
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    return int(re.search(r"train plan --config \S+ --gpus (\d+) --gpu-memory 80GB", header).group(1)), header
+
+
+@pytest.mark.parametrize("path", [H100_256K, H100_1M])
+def test_long_context_configs_fit_80gb_on_the_gpus_their_header_states(path):
+    cfg = load_train_config(path)
+    model_cfg = JambaConfig.from_yaml(cfg.model)
+    gpus, header = _header_gpus(path)
+    plan = plan_memory(cfg, model_cfg, gpus, parse_size("80GB"), 3 * GIB, cfg.parallel.expert_imbalance,
+                       kernels=True, deepspeed_extra=load_deepspeed_extra(cfg.parallel.deepspeed))
+    assert plan.fits and cfg.data.pack == "concat" and cfg.parallel.cp_size > 1
+    assert f"{plan.total / GIB:.2f} GiB of 74.51 GiB (80 GB), {100 * plan.total / plan.capacity:.0f}% used" in header
+    tokens = cfg.parallel.micro_batch * cfg.data.seq_len * cfg.parallel.grad_accum * plan.dp_size
+    assert f"= {tokens // 2**20}M tokens per step" in header
+    assert model_cfg.n_heads % cfg.parallel.cp_size == 0 and cfg.data.seq_len // cfg.parallel.cp_size >= 8192
+    assert model_cfg.n_experts % cfg.parallel.ep_size == 0 and gpus % cfg.parallel.ep_size == 0
+    out = _plan_cli("--config", str(path), "--gpus", str(gpus), "--gpu-memory", "80GB")
+    assert out.returncode == 0 and f"dp {plan.dp_size} x cp {cfg.parallel.cp_size}, ep {cfg.parallel.ep_size}" in out.stdout
+
+
+def test_one_million_tokens_has_no_margin():
+    """What the 1M config's header says: 256 GPUs do not fit, and with ep 8 no GPU count does (cp 32 at most:
+    32 heads); with the 256K config's loss chunks and buckets only 2048 GPUs and more, at > 99%."""
+    cfg = load_train_config(H100_1M)
+    model_cfg = JambaConfig.from_yaml(cfg.model)
+
+    def used(gpus, **overrides):
+        c = load_train_config(H100_1M, overrides)
+        plan = plan_memory(c, model_cfg, gpus, parse_size("80GB"), 3 * GIB, c.parallel.expert_imbalance,
+                           kernels=True, deepspeed_extra=load_deepspeed_extra(c.parallel.deepspeed))
+        return plan.total / plan.capacity
+
+    assert used(256) > 1 and 0.97 < used(1024) < 0.99
+    assert all(used(g, **{"parallel.ep_size": 8}) > 1.04 for g in (256, 1024, 8192, 65536))
+    as_256k = {"parallel.loss_chunk_tokens": 1024, "parallel.deepspeed": str(ROOT / "configs/deepspeed/zero2-moe-h100-long.json")}
+    assert used(1024, **as_256k) > 1 and 0.99 < used(2048, **as_256k) < 1
+    assert cfg.parallel.cp_size == model_cfg.n_heads

@@ -18,6 +18,15 @@ Every term is counted from what this code base and DeepSpeed actually allocate (
   with activation checkpointing, each layer's input plus one layer recomputed;
 * **all-to-all buffers**: expert parallelism's send / receive / return buffers for one MoE layer, scaled by
   ``expert_imbalance`` (the most-loaded rank receives this times the mean);
+* **context parallelism** (``parallel.cp_size``, train/context_parallel.py): world = dp x cp, ZeRO still
+  partitions over all ``world`` ranks; a rank holds ``micro_batch x seq_len / cp`` tokens, and every
+  per-token term above is per token it holds, as without cp, except: the context-parallel Mamba mixer's
+  extra tensors (``cp_mamba_bytes``: the conv input with its halo, fp32 dt sums and C for the state
+  correction; on the kernel path also the PyTorch softplus, final state and gate), the states it gathers
+  (``cp_state_bytes``, per Mamba layer), Ulysses attention's kv heads replicated beyond ``n_kv_heads``
+  ranks and its single masked call's ``[L, L]`` mask over the whole sequence (the blocked mask working set
+  spans the whole ``seq_len`` anyway), the exchange buffers of one attention layer (in the backward working
+  set) and the state correction's recomputed block (``state_passing_working_set_bytes``);
 * **framework**: CUDA context, NCCL and allocator reserve (a constant, ``overhead``).
 
 The peak is the larger of the backward peak (weights, optimizer states, gradients, activations) and the
@@ -44,6 +53,7 @@ from model.config import JambaConfig
 from model.layers.attention import ATTN_BLOCK
 from model.memory import parse_size  # noqa: F401 - one size syntax for plans and the memory model
 from train.config import TrainConfig
+from train.context_parallel import check_layout
 
 GB, GIB = 10**9, 2**30
 SCAN_BLOCK = 256          # model/scan.py: tokens per checkpointed scan block (one fp32 state kept per block)
@@ -56,25 +66,37 @@ def _norm(dim: int, a: int) -> int:
 
 
 def layer_activation_bytes(cfg: JambaConfig, layer: int, act_bytes: int, seq_len: int,
-                           boundaries: bool, kernels: bool = False, attn_block: int = ATTN_BLOCK) -> int:
-    """Bytes autograd keeps for backward, per token, for layer ``layer`` of the model (pure-PyTorch path,
-    or the mamba-ssm kernels' saved inputs when ``kernels``); ``attn_block``: ``model.layers.attention``'s
-    query block for document-masked attention."""
+                           boundaries: bool, kernels: bool = False, attn_block: int = ATTN_BLOCK,
+                           cp: int = 1) -> int:
+    """Bytes autograd keeps for backward, per token held by the rank, for layer ``layer`` of the model
+    (pure-PyTorch path, or the mamba-ssm kernels' saved inputs when ``kernels``); ``attn_block``:
+    ``model.layers.attention``'s query block for document-masked attention. ``seq_len`` is the whole
+    sequence; with context parallelism (``cp`` > 1, train/context_parallel.py) the rank holds ``seq_len /
+    cp`` tokens of it, and its layers are the context-parallel ones (``cp_mamba_bytes``, and Ulysses
+    attention: the whole sequence for ``n_heads / cp`` heads)."""
     a, d, di, n, r = act_bytes, cfg.d_model, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank
     fp32_copy = 4 if a != 4 else 0             # x.float() is a new tensor only when x is not fp32
     total = _norm(d, a) * 2                    # input_layernorm, pre_ff_layernorm
     if cfg.is_attention(layer):
-        kv = cfg.n_kv_heads * cfg.head_dim
+        # Ulysses: a rank holds q, k, v for the whole sequence and n_heads / cp heads, the same bytes per token
+        # it holds as without cp, except that beyond n_kv_heads ranks each kv head is replicated: every rank
+        # then holds one, cp kv heads' worth per token (max(n_kv, cp) = n_kv for cp <= n_kv)
+        kv = max(cfg.n_kv_heads, cp) * cfg.head_dim
         if boundaries and seq_len > attn_block:
             # checkpointed query blocks keep only their inputs: q, k, v (the segment ids are the batch's, held
             # anyway); the concatenated output is not saved, its head-merged copy is (o_proj's input). No mask,
             # no log-sum-exp: backward rebuilds them one block at a time (attention_working_set_bytes)
             total += 2 * a * d + 2 * a * kv
+            if cp > 1:  # under cp the blocks keep the whole sequence's gathered ids: int64, seq_len per rank
+                total += 8 * cp
         else:
             # q, k, v, the attention output and its head-merged copy; log-sum-exp per head; with documents the
             # [L, L] mask, which the fused kernels (CPU flash, CUDA memory-efficient) keep as a copy in q's
-            # dtype: a bytes per key per token (measured), not the bool's one
-            total += 3 * a * d + 2 * a * kv + 4 * cfg.n_heads + (a * seq_len if boundaries else 0)
+            # dtype: a bytes per key per query (measured), not the bool's one; under cp a rank holds the
+            # queries of the whole sequence, cp per token it holds
+            total += 3 * a * d + 2 * a * kv + 4 * cfg.n_heads + (a * seq_len * cp if boundaries else 0)
+    elif cp > 1:
+        total += cp_mamba_bytes(cfg, a, boundaries, kernels)
     elif kernels:
         # in_proj output, conv output, x_proj output and normalised dt/B/C, dt, scan output (kernels keep
         # their inputs and recompute the rest), gated output
@@ -97,6 +119,49 @@ def layer_activation_bytes(cfg: JambaConfig, layer: int, act_bytes: int, seq_len
     else:
         total += 4 * a * cfg.ffn_dim                          # gate, up, SiLU, product
     return total
+
+
+def cp_mamba_bytes(cfg: JambaConfig, act_bytes: int, boundaries: bool, kernels: bool) -> int:
+    """Per token: what ``ContextParallelMamba`` keeps for backward (its mixer only; measured on the pure path
+    in tests). Against the plain mixer it keeps the conv's input with the previous rank's halo (``d_conv - 1``
+    more tokens) instead of the in_proj output (still kept in fp32, where the gate reads z itself), the fp32
+    running sum of dt and a fp32 copy of C for ``scan.state_correction``, and with documents the fp32 ``alive``
+    flags; the corrected fp32 output is not kept (its cast is). On the kernel path (read from the code, not
+    measured: no GPU here) ``selective_scan_fn`` runs ungated: it keeps its inputs but not its output, dt's
+    softplus runs in PyTorch (fp32 input and output kept), ``scan.final_state`` keeps the fp32 dt suffix sums
+    and x, B copies, and the gate runs in PyTorch (the corrected output, z in fp32, silu(z) kept). The gathered
+    per-layer states are ``cp_state_bytes``, not per token."""
+    a, di, n, r = act_bytes, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank
+    fp32_copy = 4 if a != 4 else 0
+    xz = 2 * a * di if a == 4 else 0                          # in_proj output: kept only when z is not copied
+    if not kernels:
+        total = a * di + xz                                   # conv input (halo + chunk); in_proj output
+        total += 2 * a * di                                   # conv output, SiLU output
+        if boundaries:
+            total += 2 * a * di + 4                           # the masked conv taps; alive flags (fp32)
+        total += a * (r + 2 * n) + _norm(r + 2 * n, a) + 2 * a * n   # x_proj out, dt/B/C norms, B/C copies
+        total += a * di + 4 * di + 4 * di                     # dt_proj out, + bias (fp32), softplus
+        total += fp32_copy * (di + 2 * n)                     # fp32 copies of x, B, C for the scan
+        total += 4 * di * n * 1 // SCAN_BLOCK                 # one fp32 state per checkpointed block
+        total += 3 * a * di + fp32_copy * di                  # scan output, gate, gated output (+ z fp32)
+        total += 4 * di + fp32_copy * n                       # state correction: cumsum of dt, C in fp32
+        return total
+    total = a * di + xz                                       # conv input (halo + chunk); in_proj output
+    total += 2 * a * di                                       # conv output (the scan's u), x_proj's input copy
+    total += (a + 4 + 2 * a) * (r + 2 * n) + 2 * a * n        # x_proj output, dt/B/C norms, B/C copies
+    total += a * di + 4 * di + 4 * di                         # dt (the kernel's contiguous delta), softplus in/out
+    total += 4 * di + fp32_copy * (di + n)                    # final_state: suffix sums of dt, x and B in fp32
+    total += 4 * di + fp32_copy * n                           # state_correction: cumsum of dt, C in fp32
+    total += a * di + fp32_copy * di + a * di + a * di        # corrected output, z fp32, silu(z), gated output
+    return total
+
+
+def cp_state_bytes(cfg: JambaConfig, micro_batch: int, cp: int) -> int:
+    """Per Mamba layer (not per token): the [b, d_inner, d_state] fp32 tensors ``ContextParallelMamba`` keeps
+    from its state exchange, on the last rank of the group (the worst): the gathered final state and total
+    decay of each earlier rank (2 (cp - 1); ``chain_states`` keeps them for backward), the cp chained states,
+    and its own total decay: 3 cp - 1 of them (measured)."""
+    return (3 * cp - 1) * micro_batch * cfg.d_inner * cfg.mamba_d_state * 4 if cp > 1 else 0
 
 
 def head_activation_bytes(cfg: JambaConfig, act_bytes: int, chunked: bool) -> int:
@@ -139,11 +204,31 @@ def attention_working_set_bytes(micro_batch: int, seq_len: int, act_bytes: int, 
     return micro_batch * attn_block * seq_len * (2 + 2 * act_bytes)
 
 
+def state_passing_working_set_bytes(cfg: JambaConfig, micro_batch: int, local_tokens: int) -> int:
+    """Context parallelism's Mamba backward: ``scan.state_correction`` (and on the kernel path
+    ``scan.final_state``) recompute one block of 256 tokens at a time; a block keeps 2 fp32 tensors of
+    [b, d_inner, block, d_state] for its backward (measured in tests) while about 3 more hold their
+    gradients. Added to the scan's working set, although the two run one after the other (a small
+    overestimate)."""
+    unit = micro_batch * cfg.d_inner * min(local_tokens, SCAN_BLOCK) * cfg.mamba_d_state * 4
+    return (2 + 3) * unit
+
+
+def cp_exchange_bytes(cfg: JambaConfig, act_bytes: int, cp: int) -> int:
+    """Per token held: Ulysses' all-to-all buffers of one attention layer, transient (forward, and the same
+    again for the gradients in backward): the contiguous send copy and the receive buffer of q, k and v
+    (kv replicated beyond n_kv_heads ranks); the output's exchange back is smaller (one of d). The plan
+    counts them in that layer's backward working set (read from the code: ``all_to_all_single`` keeps
+    nothing for backward, so they are not in autograd's saved tensors)."""
+    kv = max(cfg.n_kv_heads, cp) * cfg.head_dim
+    return 2 * act_bytes * (cfg.d_model + 2 * kv)
+
+
 @dataclass
 class MemoryPlan:
     world: int
     ep_size: int
-    dp_size: int
+    dp_size: int              # data-parallel replicas: world / cp_size (ZeRO partitions over all ``world`` ranks)
     edp_size: int
     zero_stage: int
     dtype: str
@@ -156,6 +241,8 @@ class MemoryPlan:
     step_peak: int = 0
     checkpoint_terms: dict[str, int] = field(default_factory=dict)   # bytes on disk of one checkpoint tag
     checkpoint_keep: int = 1
+    cp_size: int = 1          # context parallelism: each sample's sequence split over cp ranks
+    seq_len: int = 0          # tokens per sample (tokens_per_micro_batch = micro_batch x seq_len / cp_size)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -187,9 +274,10 @@ class MemoryPlan:
         def g(x: int) -> str:
             return f"{x / GIB:8.2f} GiB"
 
-        lines = [f"memory plan per rank: {self.world} ranks = ep {self.ep_size} x edp {self.edp_size} "
-                 f"(dp {self.dp_size}), ZeRO-{self.zero_stage}, {self.dtype}, "
-                 f"{self.tokens_per_micro_batch} tokens per micro-batch",
+        context = f" (1/{self.cp_size} of each {self.seq_len}-token sequence)" if self.cp_size > 1 else ""
+        lines = [f"memory plan per rank: {self.world} ranks = dp {self.dp_size} x cp {self.cp_size}, "
+                 f"ep {self.ep_size} x edp {self.edp_size}, ZeRO-{self.zero_stage} over {self.world}, {self.dtype}, "
+                 f"{self.tokens_per_micro_batch} tokens per micro-batch{context}",
                  f"  parameters on this rank: {self.params_dense / 1e9:.2f}B non-expert + "
                  f"{self.params_expert_local / 1e9:.2f}B expert"]
         lines += [f"  {name:<28}{g(value)}" for name, value in self.terms.items()]
@@ -232,6 +320,9 @@ def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: 
     p = cfg.parallel
     if world < 1 or world % p.ep_size:
         raise ValueError(f"parallel.ep_size: {p.ep_size} must divide the number of ranks {world}")
+    # cp divides the world and seq_len, leaves at least the conv halo per rank, and splits the heads (one-line
+    # errors naming parallel.cp_size, the same the trainer gives before making any group)
+    check_layout(p.cp_size, world, cfg.data.seq_len, model_cfg)
     counts = count_parameters(model_cfg)
     experts_total = counts["part_moe_experts"]
     dense = counts["total"] - experts_total
@@ -257,9 +348,11 @@ def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: 
     # contiguous gradient buckets (in the communication dtype) never hold more than the rank's gradients
     terms["reduction buckets"] = (2 if overlap else 1) * g * min(bucket, local)
 
-    T = p.micro_batch * cfg.data.seq_len
+    # context parallelism: a rank holds seq_len / cp tokens of each of its micro_batch samples
+    cp, L = p.cp_size, cfg.data.seq_len
+    T = p.micro_batch * L // cp
     boundaries = cfg.data.pack == "boundaries"
-    per_layer = [layer_activation_bytes(model_cfg, i, a, cfg.data.seq_len, boundaries, kernels)
+    per_layer = [layer_activation_bytes(model_cfg, i, a, L, boundaries, kernels, cp=cp)
                  for i in range(model_cfg.n_layers)]
     chunk = cfg.parallel.loss_chunk_tokens
     head = head_activation_bytes(model_cfg, a, chunked=chunk > 0)
@@ -268,16 +361,30 @@ def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: 
     else:
         kept = sum(per_layer)
     terms["activations"] = T * (kept + head)
+    n_mamba = sum(not model_cfg.is_attention(i) for i in range(model_cfg.n_layers))
+    n_attention = model_cfg.n_layers - n_mamba
+    if cp > 1 and n_mamba:
+        # per Mamba layer, not per token: every layer's under plain autograd, the recomputed one's under
+        # activation checkpointing
+        held = 1 if p.activation_checkpointing else n_mamba
+        terms["gathered Mamba states (cp)"] = held * cp_state_bytes(model_cfg, p.micro_batch, cp)
     # backward working set: the gradient of the widest layer's activations, and the logits' gradient (all
-    # tokens' at once, or one recomputed chunk's with everything it needs)
+    # tokens' at once, or one recomputed chunk's with everything it needs). Under cp an attention layer's
+    # backward also holds its Ulysses exchange buffers (transient, that layer's only): counted with that
+    # layer, which is then the widest only if they make it so
     logit_tokens = min(chunk, T) if chunk > 0 else T
     logit_work = head_working_set_bytes(model_cfg, a, chunked=chunk > 0)
-    terms["backward working set"] = T * max(per_layer) + logit_tokens * logit_work
-    if any(model_cfg.is_attention(i) for i in range(model_cfg.n_layers)):
-        # layers run one at a time in backward: one attention block's mask at a time
-        terms["backward working set"] += attention_working_set_bytes(p.micro_batch, cfg.data.seq_len, a, boundaries)
-    if not kernels and any(not model_cfg.is_attention(i) for i in range(model_cfg.n_layers)):
-        terms["scan working set"] = scan_working_set_bytes(model_cfg, p.micro_batch, cfg.data.seq_len, boundaries)
+    exchange = cp_exchange_bytes(model_cfg, a, cp) if cp > 1 else 0
+    widest = max(per_layer[i] + (exchange if model_cfg.is_attention(i) else 0) for i in range(model_cfg.n_layers))
+    terms["backward working set"] = T * widest + logit_tokens * logit_work
+    if n_attention:
+        # layers run one at a time in backward: one attention block's mask at a time; a rank attends over the
+        # whole sequence under cp too (its mask spans all seq_len keys, whatever cp)
+        terms["backward working set"] += attention_working_set_bytes(p.micro_batch, L, a, boundaries)
+    if not kernels and n_mamba:
+        terms["scan working set"] = scan_working_set_bytes(model_cfg, p.micro_batch, L // cp, boundaries)
+    if cp > 1 and n_mamba:
+        terms["state-passing working set"] = state_passing_working_set_bytes(model_cfg, p.micro_batch, L // cp)
     if p.ep_size > 1 and model_cfg.n_experts > 1:
         terms["all-to-all buffers"] = int(4 * a * model_cfg.top_k * model_cfg.d_model * T * expert_imbalance)
     terms["framework overhead"] = overhead
@@ -285,15 +392,16 @@ def plan_memory(cfg: TrainConfig, model_cfg: JambaConfig, world: int, capacity: 
     states = sum(terms[k] for k in ("weights", "master weights (fp32)", "Adam moments (fp32)"))
     grads = sum(v for k, v in terms.items() if k.startswith("gradients"))
     backward = states + grads + terms["reduction buckets"] + terms["activations"] \
-        + terms["backward working set"] + terms.get("scan working set", 0) + terms.get("all-to-all buffers", 0) \
-        + overhead
+        + terms.get("gathered Mamba states (cp)", 0) + terms["backward working set"] \
+        + terms.get("scan working set", 0) + terms.get("state-passing working set", 0) \
+        + terms.get("all-to-all buffers", 0) + overhead
     # bf16 gradients are converted to fp32 for the update; fp32 ones are used as they are
     step = states + grads + (0 if g == 4 else int(4 * partition)) + overhead
-    return MemoryPlan(world=world, ep_size=p.ep_size, dp_size=world, edp_size=edp, zero_stage=p.zero_stage,
+    return MemoryPlan(world=world, ep_size=p.ep_size, dp_size=world // cp, edp_size=edp, zero_stage=p.zero_stage,
                       dtype=p.dtype, tokens_per_micro_batch=T, capacity=capacity, params_dense=dense,
                       params_expert_local=expert_local, terms=terms, backward_peak=int(backward),
                       step_peak=int(step), checkpoint_terms=checkpoint_disk_terms(cfg, dense, experts_total),
-                      checkpoint_keep=cfg.checkpoint.keep)
+                      checkpoint_keep=cfg.checkpoint.keep, cp_size=cp, seq_len=L)
 
 
 def load_deepspeed_extra(path: str | None) -> dict[str, Any]:
