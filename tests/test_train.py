@@ -502,13 +502,12 @@ def _cp_run(tmp: Path, run_dir: Path, name: str, ranks: int, **parallel) -> Path
 
 @pytest.fixture(scope="module")
 def cp_runs(clean_run, tmp_path_factory):
-    """One rank; cp 2 on 2 ranks (the same sample split in two); one rank with 2 accumulation steps, the
-    global batch of cp 2 x ep 2 x dp 2 on 4 ranks."""
+    """One rank with 2 accumulation steps of one sample; cp 2 on 2 ranks, the same (each sample split in
+    two); cp 2 x ep 2 x dp 2 on 4 ranks, whose two replicas take the one rank's two micro-steps' samples."""
     tmp = tmp_path_factory.mktemp("cp")
     run_dir = clean_run[0]
-    return {"cp1": _cp_run(tmp, run_dir, "cp1", 1, ep_size=1),
-            "cp2": _cp_run(tmp, run_dir, "cp2", 2, ep_size=1, cp_size=2),
-            "cp1-ga2": _cp_run(tmp, run_dir, "cp1-ga2", 1, ep_size=1, grad_accum=2),
+    return {"cp1": _cp_run(tmp, run_dir, "cp1", 1, ep_size=1, grad_accum=2),
+            "cp2": _cp_run(tmp, run_dir, "cp2", 2, ep_size=1, cp_size=2, grad_accum=2),
             "cp2-ep2": _cp_run(tmp, run_dir, "cp2-ep2", 4, ep_size=2, cp_size=2)}
 
 
@@ -536,21 +535,21 @@ def test_context_parallel_2_equals_one_rank(cp_runs, clean_run):
     _assert_same_training(cp_runs["cp2"], cp_runs["cp1"], 2)
     streams, tokenizer = load_streams([clean_run[0]], 2048)
     loader = RankLoader(MixtureSampler(streams, None, 128, 3), 1, 0, 1, tokenizer["eos_id"])
-    segments = [loader.next_batch().segment[0] for _ in range(CP_STEPS)]
+    segments = [loader.next_batch().segment[0] for _ in range(2 * CP_STEPS)]
     assert any(seg[63] == seg[64] for seg in segments)         # a document runs across the two ranks
     assert any(seg[0] != seg[-1] for seg in segments)          # and samples hold several documents
     fpt = training_flops_per_token(JambaConfig.from_yaml(ROOT / "configs/model/jamba-tiny.yaml"), 128)
     for r in losses(cp_runs["cp2"]).values():
-        assert r["tokens_per_s"] == pytest.approx(128 / r["step_s"])        # one replica: 128 tokens a step
+        assert r["tokens_per_s"] == pytest.approx(2 * 128 / r["step_s"])    # one replica, 2 x 128 tokens a step
         assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / (2 * PEAK_TFLOPS * 1e12))
 
 
 def test_context_parallel_2_by_expert_parallel_2_on_4_ranks_equals_one_rank(cp_runs):
     """cp 2 x ep 2 x dp 2: the two replicas' samples are the one rank's two accumulation steps."""
-    _assert_same_training(cp_runs["cp2-ep2"], cp_runs["cp1-ga2"], 4)
+    _assert_same_training(cp_runs["cp2-ep2"], cp_runs["cp1"], 4)
 
 
 def test_context_parallel_kill_and_resume_equals_uninterrupted(cp_runs, clean_run, tmp_path):
     config = train_config(tmp_path, clean_run[0], "cp2-killed", steps=CP_STEPS, seq_len=128, zero_stage=0,
-                          micro_batch=1, grad_accum=1, ep_size=1, cp_size=2)
+                          micro_batch=1, grad_accum=2, ep_size=1, cp_size=2)
     kill_and_resume(config, tmp_path / "cp2-killed", cp_runs["cp2"])
