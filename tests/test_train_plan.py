@@ -437,12 +437,13 @@ def test_kv_replication_beyond_n_kv_raises_the_attention_terms():
 def test_cp_layout_errors_name_the_key():
     model_cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
     for overrides, world, message in (
-            ({"parallel.cp_size": 3}, 128, "parallel.cp_size: 3 must divide the world size 128"),
+            ({"parallel.cp_size": 3, "data.seq_len": 49152}, 128, "parallel.cp_size: 3 must divide the world size 128"),
             ({"parallel.cp_size": 2, "data.seq_len": 16385}, 128, "parallel.cp_size: 2 must divide data.seq_len"),
             ({"parallel.cp_size": 64, "data.seq_len": 65536}, 128, "parallel.cp_size: 64 must divide n_heads 32")):
         with pytest.raises(ValueError, match=message):
             plan_memory(load_train_config(H100_LONG, overrides), model_cfg, world)
-    bad = _plan_cli("--config", str(H100_LONG), "--gpus", "128", "--set", "parallel.cp_size=3")
+    bad = _plan_cli("--config", str(H100_LONG), "--gpus", "128", "--set", "parallel.cp_size=3",
+                    "--set", "data.seq_len=49152")
     assert bad.returncode == 2 and "parallel.cp_size: 3 must divide the world size 128" in bad.stderr
 
 
