@@ -128,7 +128,8 @@ class Collectives:
     def install(self) -> None:
         import torch.distributed as dist
 
-        orig = {name: getattr(dist, name) for name in ("all_gather", "all_to_all_single", "scatter", "all_reduce")}
+        orig = {name: getattr(dist, name) for name in ("all_gather", "all_gather_single", "all_to_all_single",
+                                                        "all_reduce")}
 
         def key(op, tensor):
             return f"{self.phase} {op} {'float' if tensor.is_floating_point() else 'int'}"
@@ -147,19 +148,18 @@ class Collectives:
             return orig["all_to_all_single"](output, input, output_split_sizes, input_split_sizes, group=group,
                                              async_op=async_op)
 
-        def scatter(tensor, scatter_list=None, src=None, group=None, async_op=False, **kw):
-            # gloo's backward of an all-gather: one scatter rooted at each rank (torch.distributed.nn._AlltoAll)
-            if dist.get_rank() != src:
-                self.counts[key("scatter", tensor)] += tensor.numel() * tensor.element_size()
-            return orig["scatter"](tensor, scatter_list, src, group=group, async_op=async_op, **kw)
+        def all_gather_single(output, input, group=None, async_op=False):
+            n = dist.get_world_size(group)
+            self.counts[key("all_gather_single", input)] += (n - 1) * input.numel() * input.element_size()
+            return orig["all_gather_single"](output, input, group=group, async_op=async_op)
 
         def all_reduce(tensor, *args, **kw):
             # counted as the tensor's size (what is reduced), not the algorithm's traffic
             self.counts[key("all_reduce", tensor)] += tensor.numel() * tensor.element_size()
             return orig["all_reduce"](tensor, *args, **kw)
 
-        dist.all_gather, dist.all_to_all_single, dist.scatter, dist.all_reduce = (
-            all_gather, all_to_all_single, scatter, all_reduce)
+        dist.all_gather, dist.all_gather_single, dist.all_to_all_single, dist.all_reduce = (
+            all_gather, all_gather_single, all_to_all_single, all_reduce)
 
 
 def model_config(spec: dict):
@@ -331,17 +331,23 @@ def bytes_check(cp: int, seq_len: int, ranks: list[dict], cfg, b: int) -> dict:
             "mamba_exact": halo == n_mamba * mamba["halo"] and states == n_mamba * mamba["states"],
             "attention_exact": a2a == n_attn * attn,
             # the wrapped collectives see the same forward payload as EXCHANGED
-            "collectives_agree": (fc["forward all_gather float"] == halo + states
+            "collectives_agree": (fc["forward all_gather_single float"] == halo + states
                                   and fc["forward all_to_all_single float"] == a2a),
             "forward_collectives": dict(fc), "backward_collectives": dict(bc),
             "backward_recompute_exchanged": dict(be),
-            # backward: the checkpointed forward recomputed (all_gather / all_to_all_single again) + the
-            # gradients (gloo: an all-gather's backward is one scatter rooted at each rank)
-            "backward_mamba_bytes": bc["backward all_gather float"] + bc["backward scatter float"],
-            "backward_attention_bytes": bc["backward all_to_all_single float"],
-            "backward_over_forward_mamba": ((bc["backward all_gather float"] + bc["backward scatter float"])
+            # backward: the checkpointed forward recomputed (its exchanges again) + the gradients sent back
+            # (an all-gather's gradient returns with an all-to-all; the all-to-all's with the inverse one)
+            "backward_mamba_bytes": sum(be[k] for k in ("mamba conv halo", "mamba states", "mamba conv halo (backward)",
+                                                        "mamba states (backward)")),
+            "backward_attention_bytes": be["attention all-to-all"] + be["attention all-to-all (backward)"],
+            "backward_over_forward_mamba": (sum(be[k] for k in ("mamba conv halo", "mamba states",
+                                                                "mamba conv halo (backward)", "mamba states (backward)"))
                                             / (halo + states)) if halo + states else None,
-            "backward_over_forward_attention": (bc["backward all_to_all_single float"] / a2a) if a2a else None,
+            "backward_over_forward_attention": ((be["attention all-to-all"] + be["attention all-to-all (backward)"])
+                                                / a2a) if a2a else None,
+            # the wrapped collectives see the same backward payload as EXCHANGED
+            "backward_collectives_agree": (bc["backward all_gather_single float"] + bc["backward all_to_all_single float"]
+                                           == sum(be.values())),
         })
     return {"cp": cp, "seq_len": seq_len, "batch": b, "mamba_layers": n_mamba, "attention_layers": n_attn,
             "formula_mamba_per_layer": mamba, "formula_attention_per_layer": attn,

@@ -37,6 +37,7 @@ def test_quick_run_bytes_equal_the_formulas(tmp_path):
             assert rank["attention_per_layer"] == attention
             assert rank["backward_over_forward_mamba"] == 2.0
             assert rank["backward_over_forward_attention"] == 2.0
+            assert rank["backward_collectives_agree"]
     losses = [t["loss"] for t in result["step_time"]]
     assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0])
 

@@ -11,7 +11,7 @@ names and checkpoints are untouched). Rank ``c`` of a context-parallel group hol
   final states and total decays, ``[b, d_inner, d_state]`` each, exchanged with one differentiable
   all-gather per layer; document boundaries reset the state across ranks as within one. The causal conv
   needs the previous rank's last ``d_conv - 1`` inputs (the halo), also gathered. Gradients flow back
-  through both exchanges (torch.distributed.nn collectives).
+  through both exchanges (the autograd Functions below).
 * **Attention, DeepSpeed-Ulysses style.** q, k, v are exchanged sequence -> heads with an all-to-all (each
   rank then holds the whole sequence for ``H/cp`` query heads and their kv heads; kv heads are replicated
   when ``cp > n_kv_heads``), attention runs with the full document mask, and the output goes back
@@ -46,7 +46,8 @@ from model.layers.feedforward import load_balancing_loss, router_z_loss
 from model.layers.mamba import MambaMixer
 from model.loss import IGNORE
 
-# Payload bytes each rank receives, by exchange, since the last ``EXCHANGED.clear()`` (benchmarks read it).
+# Payload bytes each rank receives, by exchange, since the last ``EXCHANGED.clear()`` (benchmarks read it);
+# "<exchange> (backward)" for the gradients sent back.
 EXCHANGED: Counter[str] = Counter()
 
 
@@ -59,7 +60,7 @@ class ContextParallel:
     def all_gather(self, x: torch.Tensor, what: str) -> list[torch.Tensor]:
         """Every cp rank's ``x``, differentiable (the gradient of each copy returns to its owner)."""
         EXCHANGED[what] += (self.size - 1) * x.numel() * x.element_size()
-        return list(_AllGather.apply(x.contiguous(), self.group, self.size).unbind(0))
+        return list(_AllGather.apply(x.contiguous(), self.group, self.size, what).unbind(0))
 
     def all_gather_ids(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every cp rank's integer ``x`` (document ids: no gradient)."""
@@ -69,17 +70,12 @@ class ContextParallel:
 
     def all_to_all(self, x: torch.Tensor, what: str) -> torch.Tensor:
         """Dimension 0 (``size`` equal parts) exchanged: part j goes to rank j; differentiable."""
-        from torch.distributed.nn.functional import all_to_all_single
-
         EXCHANGED[what] += (self.size - 1) * x.numel() // self.size * x.element_size()
-        x = x.contiguous()
-        return all_to_all_single(torch.empty_like(x), x, group=self.group)   # (empty_like keeps a view's strides)
+        return _AllToAll.apply(x, self.group, what)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the cp ranks, differentiable (its backward sums the gradients the same way)."""
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(x, group=self.group)
+        return _AllReduce.apply(x, self.group)
 
 
 class _AllGather(torch.autograd.Function):
@@ -88,17 +84,58 @@ class _AllGather(torch.autograd.Function):
     group ranks passed as global ranks, which fails in every group that does not contain rank 0."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group, size: int) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx, x: torch.Tensor, group, size: int, what: str) -> torch.Tensor:
+        ctx.group, ctx.what = group, what
         out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))   # gloo wants the parts concatenated
-        dist.all_gather_into_tensor(out, x, group=group)
+        dist.all_gather_single(out, x, group=group)
         return out.view((size,) + tuple(x.shape))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        back = torch.empty_like(grad, memory_format=torch.contiguous_format)
-        dist.all_to_all_single(back, grad.contiguous(), group=ctx.group)   # part j of every rank -> rank j
-        return back.sum(0), None, None
+        size = grad.shape[0]
+        EXCHANGED[f"{ctx.what} (backward)"] += (size - 1) * grad[0].numel() * grad.element_size()
+        return _exchange(grad, ctx.group).sum(0), None, None, None   # part j of every rank -> rank j, summed
+
+
+def _exchange(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)       # of the contiguous tensor: empty_like keeps a view's strides
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Equal parts of dimension 0 exchanged; the backward is the same exchange of the gradient (the
+    permutation's transpose). Own Functions here, not ``torch.distributed.nn``'s (deprecated in torch 2.13)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, what: str) -> torch.Tensor:
+        ctx.group, ctx.what = group, what
+        return _exchange(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size = dist.get_world_size(ctx.group)
+        EXCHANGED[f"{ctx.what} (backward)"] += (size - 1) * grad.numel() // size * grad.element_size()
+        return _exchange(grad, ctx.group), None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over the group; every rank's output feeds its own loss, so the input's gradient is the sum of the
+    output gradients over the group."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def check_layout(cp_size: int, world: int, seq_len: int, model_cfg) -> None:
