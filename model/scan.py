@@ -319,18 +319,52 @@ def selective_scan(x, dt_raw, dt_bias, A, B, C, D, z=None, segment=None, chunk: 
     return y, h
 
 
+def _softplus_dt(dt_raw: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    return F.softplus(dt_raw.float() + dt_bias.float()[None, :, None])
+
+
+def _final_from_raw(x, dt_raw, dt_bias, A, B, segment):
+    return final_state(x, _softplus_dt(dt_raw, dt_bias), A, B, segment)
+
+
+def _decay_from_raw(dt_raw, dt_bias, A, segment):
+    return total_decay(_softplus_dt(dt_raw, dt_bias), A, segment)
+
+
+def _corrected_and_gated(y, dt_raw, dt_bias, A, C, h_in, z, segment):
+    y = (y.float() + state_correction(_softplus_dt(dt_raw, dt_bias), A, C, h_in, segment)).to(y.dtype)
+    return y * F.silu(z.float()).to(y.dtype)   # as selective_scan gates
+
+
+def _recomputed(fn, *args):
+    """``fn(*args)``, keeping only its inputs for backward (it runs again there): the fp32 dt, its sums and
+    the gate's temporaries would otherwise be kept for every token, ~30 bytes per channel."""
+    grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+
+
 def scan_for_state_passing(x, dt_raw, dt_bias, A, B, C, D, segment=None, chunk: int = 32,
                            use_cuda_kernels: bool = True):
-    """One context-parallel chunk scanned from a zero state, ungated: (y [b, d, L] with ``D * x``, dt [b, d, L]
-    after softplus (float32), final state [b, d, n] float32 with its gradient).
+    """One context-parallel chunk scanned from a zero state, ungated: (y [b, d, L] with ``D * x``, final state
+    [b, d, n] float32 with its gradient). ``dt_raw`` is dt_proj's output without bias.
 
     On CUDA with mamba-ssm (no document resets) the outputs come from ``selective_scan_fn``; its
-    ``return_last_state`` is not differentiable, so the final state is ``final_state`` in PyTorch. Elsewhere
-    the chunked scan gives both."""
-    dt = F.softplus(dt_raw.float() + dt_bias.float()[None, :, None])
+    ``return_last_state`` is not differentiable, so the final state is ``final_state`` in PyTorch
+    (recomputed in backward). Elsewhere the chunked scan gives both."""
     if use_kernels(x, segment, use_cuda_kernels):
         fn = kernels()["selective_scan_fn"]
         y = fn(x, dt_raw, A, B, C, D.float(), z=None, delta_bias=dt_bias.float(), delta_softplus=True)
-        return y, dt, final_state(x, dt, A, B, segment)
-    y, h = chunked_scan(x, dt, A, B, C, D, segment=segment, chunk=chunk)
-    return y, dt, h
+        return y, _recomputed(_final_from_raw, x, dt_raw, dt_bias, A, B, segment)
+    y, h = chunked_scan(x, _softplus_dt(dt_raw, dt_bias), A, B, C, D, segment=segment, chunk=chunk)
+    return y, h
+
+
+def state_passing_decay(dt_raw, dt_bias, A, segment=None) -> torch.Tensor:
+    """``total_decay`` of a chunk from dt_proj's output (recomputed in backward)."""
+    return _recomputed(_decay_from_raw, dt_raw, dt_bias, A, segment)
+
+
+def corrected_and_gated(y, dt_raw, dt_bias, A, C, h_in, z, segment=None) -> torch.Tensor:
+    """A zero-start chunk's outputs ``y`` corrected by the state ``h_in`` entering it, then gated by
+    ``silu(z)``, as ``selective_scan`` gates (recomputed in backward: only the inputs are kept)."""
+    return _recomputed(_corrected_and_gated, y, dt_raw, dt_bias, A, C, h_in, z, segment)

@@ -351,7 +351,8 @@ def test_cp_layer_activation_estimate_matches_saved_tensors(gloo_world_of_one, d
         if i != 4:
             per_layer = cp_state_bytes(cfg, b, cp_size) if cp_size > 1 else 2 * state_unit
             estimate += per_layer / (b * Lc)
-        assert abs(estimate / measured - 1) < 0.10, (i, estimate, measured)   # measured: 0.95 to 1.05
+        print(f"cp layer {i}: plan / measured {estimate / measured:.3f}")
+        assert abs(estimate / measured - 1) < 0.10, (i, estimate, measured)   # measured: 0.91 to 1.01
 
 
 def test_state_passing_blocks_keep_what_the_working_set_assumes():
@@ -383,13 +384,14 @@ def _long(cp: int, seq_len: int, **more):
 
 
 def test_cp_divides_activations():
-    """Per token a rank holds, cp changes only the Mamba mixer (the context-parallel one keeps more) and, beyond
+    """Per token a rank holds, cp changes only the Mamba mixer (the context-parallel one keeps other tensors) and, beyond
     n_kv_heads ranks, attention's kv heads: at the same tokens per rank the per-token terms of cp 2 and cp 4 are
     equal, and cp 1 differs from cp 2 by one constant in the Mamba layers only. At the same seq_len the
     activations shrink cp times between cp > 1 layouts (cp 8 -> 32: 4x, the kv replication of cp 32 lying in an
     attention layer, not the widest, which alone is recomputed under activation checkpointing); from cp 1 to 2
-    by less on the kernel path (1.55x at 16K: the cp mixer runs its softplus, final state, correction and gate
-    in PyTorch) than on the pure path (1.96x)."""
+    by a little less than 2x on the kernel path (1.96x at 16K: the cp mixer keeps the ungated scan output and a
+    z copy, its PyTorch tail recomputed in backward) and a little more on the pure path (2.12x: the plain pure
+    mixer keeps the gate's fp32 temporaries, the cp one recomputes them)."""
     from train.plan import head_working_set_bytes
 
     model_cfg = JambaConfig.from_yaml(ROOT / "configs/model/jamba-v0.1.yaml")
@@ -399,7 +401,7 @@ def test_cp_divides_activations():
                     for i in range(model_cfg.n_layers)] for cp in (1, 2, 4)}
         assert per[2] == per[4]
         extra = {p2 - p1 for i, (p1, p2) in enumerate(zip(per[1], per[2])) if not model_cfg.is_attention(i)}
-        assert len(extra) == 1 and extra.pop() > 0
+        assert len(extra) == 1 and extra.pop() != 0
         assert all(per[1][i] == per[2][i] for i in model_cfg.attention_layers)
         plans = {cp: plan_memory(_long(cp, L * cp), model_cfg, 128, kernels=kernels) for cp in (2, 4)}
         assert plans[2].tokens_per_micro_batch == plans[4].tokens_per_micro_batch == L
@@ -415,7 +417,7 @@ def test_cp_divides_activations():
         assert same[8].terms["backward working set"] - logits == 4 * (same[32].terms["backward working set"] - logits)
         ratio = (plan_memory(_long(1, L), model_cfg, 128, kernels=kernels).terms["activations"]
                  / plan_memory(_long(2, L), model_cfg, 128, kernels=kernels).terms["activations"])
-        assert (1.5 < ratio < 1.6) if kernels else (1.9 < ratio < 2.0), (kernels, ratio)
+        assert (1.9 < ratio < 2.0) if kernels else (2.05 < ratio < 2.2), (kernels, ratio)
 
 
 def test_kv_replication_beyond_n_kv_raises_the_attention_terms():
@@ -471,9 +473,9 @@ def test_long_context_configs_fit_80gb_on_the_gpus_their_header_states(path):
     assert out.returncode == 0 and f"dp {plan.dp_size} x cp {cfg.parallel.cp_size}, ep {cfg.parallel.ep_size}" in out.stdout
 
 
-def test_one_million_tokens_has_no_margin():
-    """What the 1M config's header says: 256 GPUs do not fit, and with ep 8 no GPU count does (cp 32 at most:
-    32 heads); with the 256K config's loss chunks and buckets only 2048 GPUs and more, at > 99%."""
+def test_one_million_tokens_layouts_the_header_states():
+    """What the 1M config's header says: 85% on its 256 GPUs, 89% on 128, 82% on 1024, and 92% with ep 8
+    (cp 32 at most: 32 heads)."""
     cfg = load_train_config(H100_1M)
     model_cfg = JambaConfig.from_yaml(cfg.model)
 
@@ -483,8 +485,7 @@ def test_one_million_tokens_has_no_margin():
                            kernels=True, deepspeed_extra=load_deepspeed_extra(c.parallel.deepspeed))
         return plan.total / plan.capacity
 
-    assert used(256) > 1 and 0.97 < used(1024) < 0.99
-    assert all(used(g, **{"parallel.ep_size": 8}) > 1.04 for g in (256, 1024, 8192, 65536))
-    as_256k = {"parallel.loss_chunk_tokens": 1024, "parallel.deepspeed": str(ROOT / "configs/deepspeed/zero2-moe-h100-long.json")}
-    assert used(1024, **as_256k) > 1 and 0.99 < used(2048, **as_256k) < 1
+    for gpus, overrides, stated in ((256, {}, 0.85), (128, {}, 0.89), (1024, {}, 0.82),
+                                    (256, {"parallel.ep_size": 8}, 0.92)):
+        assert abs(used(gpus, **overrides) - stated) < 0.005, (gpus, overrides)
     assert cfg.parallel.cp_size == model_cfg.n_heads

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from model import scan
@@ -199,18 +198,20 @@ class ContextParallelMamba(MambaMixer):
             xc = self._conv(torch.cat([halo, x_t], dim=-1), None)[..., K - 1:]
         dt_raw, B, C = self._ssm_inputs(xc.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
-        y, dt, final = scan.scan_for_state_passing(xc, dt_raw, self.dt_proj.bias, A, B, C, self.D, segment,
-                                                   self.cfg.scan_chunk, self.use_cuda_kernels)
+        bias = self.dt_proj.bias
+        y, final = scan.scan_for_state_passing(xc, dt_raw, bias, A, B, C, self.D, segment, self.cfg.scan_chunk,
+                                               self.use_cuda_kernels)
         # final states and total decays of every rank's chunk: [2, b, d_inner, d_state] float32 each
-        exchanged = cp.all_gather(torch.stack([final, scan.total_decay(dt, A, segment)]), "mamba states")
+        decay = scan.state_passing_decay(dt_raw, bias, A, segment)
+        exchanged = cp.all_gather(torch.stack([final, decay]), "mamba states")
         if cp.rank:
             keeps = [None] + [None if ids is None else ids[j][:, 0] == ids[j - 1][:, -1] for j in range(1, cp.rank + 1)]
             entering = scan.chain_states([e[0] for e in exchanged[:cp.rank + 1]],
                                          [e[1] for e in exchanged[:cp.rank + 1]], keeps)[cp.rank]
         else:
             entering = exchanged[0][0] * 0
-        y = (y.float() + scan.state_correction(dt, A, C, entering, segment)).to(y.dtype)
-        y = y * F.silu(z.transpose(1, 2).float()).to(y.dtype)   # as scan.selective_scan gates
+        # z copied: a view would keep the whole in_proj output alive for backward
+        y = scan.corrected_and_gated(y, dt_raw, bias, A, C, entering, z.transpose(1, 2).contiguous(), segment)
         return self.out_proj(y.transpose(1, 2).to(h.dtype))
 
 

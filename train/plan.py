@@ -124,18 +124,17 @@ def layer_activation_bytes(cfg: JambaConfig, layer: int, act_bytes: int, seq_len
 def cp_mamba_bytes(cfg: JambaConfig, act_bytes: int, boundaries: bool, kernels: bool) -> int:
     """Per token: what ``ContextParallelMamba`` keeps for backward (its mixer only; measured on the pure path
     in tests). Against the plain mixer it keeps the conv's input with the previous rank's halo (``d_conv - 1``
-    more tokens) instead of the in_proj output (still kept in fp32, where the gate reads z itself), the fp32
-    running sum of dt and a fp32 copy of C for ``scan.state_correction``, and with documents the fp32 ``alive``
-    flags; the corrected fp32 output is not kept (its cast is). On the kernel path (read from the code, not
-    measured: no GPU here) ``selective_scan_fn`` runs ungated: it keeps its inputs but not its output, dt's
-    softplus runs in PyTorch (fp32 input and output kept), ``scan.final_state`` keeps the fp32 dt suffix sums
-    and x, B copies, and the gate runs in PyTorch (the corrected output, z in fp32, silu(z) kept). The gathered
-    per-layer states are ``cp_state_bytes``, not per token."""
+    more tokens) instead of the in_proj output, and with documents the fp32 ``alive`` flags. Its tail after
+    the scan (the total decay, the state correction and the gate; on the kernel path also dt's softplus and
+    ``scan.final_state``) is recomputed in backward (``model/scan.py::_recomputed``), so it keeps only its
+    inputs: the scan's output and a copy of z, besides the gated output out_proj keeps. On the kernel path
+    (read from the code, not measured: no GPU here) ``selective_scan_fn`` runs ungated and keeps its inputs.
+    The gathered per-layer states are ``cp_state_bytes``, not per token."""
     a, di, n, r = act_bytes, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank
     fp32_copy = 4 if a != 4 else 0
-    xz = 2 * a * di if a == 4 else 0                          # in_proj output: kept only when z is not copied
+    tail = 3 * a * di                                         # scan output, z copy, gated output
     if not kernels:
-        total = a * di + xz                                   # conv input (halo + chunk); in_proj output
+        total = a * di                                        # conv input (halo + chunk)
         total += 2 * a * di                                   # conv output, SiLU output
         if boundaries:
             total += 2 * a * di + 4                           # the masked conv taps; alive flags (fp32)
@@ -143,17 +142,12 @@ def cp_mamba_bytes(cfg: JambaConfig, act_bytes: int, boundaries: bool, kernels: 
         total += a * di + 4 * di + 4 * di                     # dt_proj out, + bias (fp32), softplus
         total += fp32_copy * (di + 2 * n)                     # fp32 copies of x, B, C for the scan
         total += 4 * di * n * 1 // SCAN_BLOCK                 # one fp32 state per checkpointed block
-        total += 3 * a * di + fp32_copy * di                  # scan output, gate, gated output (+ z fp32)
-        total += 4 * di + fp32_copy * n                       # state correction: cumsum of dt, C in fp32
-        return total
-    total = a * di + xz                                       # conv input (halo + chunk); in_proj output
+        return total + tail
+    total = a * di                                            # conv input (halo + chunk)
     total += 2 * a * di                                       # conv output (the scan's u), x_proj's input copy
     total += (a + 4 + 2 * a) * (r + 2 * n) + 2 * a * n        # x_proj output, dt/B/C norms, B/C copies
-    total += a * di + 4 * di + 4 * di                         # dt (the kernel's contiguous delta), softplus in/out
-    total += 4 * di + fp32_copy * (di + n)                    # final_state: suffix sums of dt, x and B in fp32
-    total += 4 * di + fp32_copy * n                           # state_correction: cumsum of dt, C in fp32
-    total += a * di + fp32_copy * di + a * di + a * di        # corrected output, z fp32, silu(z), gated output
-    return total
+    total += a * di                                           # dt (the kernel's contiguous delta)
+    return total + tail
 
 
 def cp_state_bytes(cfg: JambaConfig, micro_batch: int, cp: int) -> int:
