@@ -119,7 +119,7 @@ def _reset_hwm() -> bool:
 
 class Collectives:
     """Payload bytes this rank receives from the other ranks, by phase and collective, counted by wrapping
-    torch.distributed's functions (which torch.distributed.nn's autograd functions call at run time)."""
+    torch.distributed's functions (which train/context_parallel.py's autograd Functions call at run time)."""
 
     def __init__(self):
         self.counts: Counter[str] = Counter()
@@ -198,12 +198,10 @@ def make_batch(L: int, spec: dict, vocab: int):
 
 def _rank(rank: int, cp: int, port: int, spec: dict, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import warnings
 
     import torch
     import torch.distributed as dist
 
-    warnings.filterwarnings("ignore", message="torch.distributed.nn.functional", category=FutureWarning)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=cp)
     from model import Jamba
