@@ -316,8 +316,9 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                     dump = None
                 engine.step()
                 losses.append(float(lm))
-                counts = sequence_expert_counts(out.expert_counts, cp)
+                counts = out.expert_counts
             elapsed = time.perf_counter() - started
+            counts = sequence_expert_counts(counts, cp)   # the last micro-batch's, over the whole sequences
             # on the engine's device: NCCL has no CPU tensors (train/device_guard.py checks this on CPU ranks);
             # the cp ranks of a replica hold the same (replica) loss, so the mean over all ranks is over replicas
             mean_loss = torch.tensor(sum(losses) / len(losses), device=device)
