@@ -100,8 +100,12 @@ def _execute_unit(stage: MapStage | list, unit: Unit, run_dir: str) -> dict[str,
     result = stage.run_unit(unit, root)
     result["unit"] = unit.id
     result["task_seconds"] = round(time.perf_counter() - started, 4)   # busy time: wall x CPUs - this = overhead
+    outputs = stage.unit_outputs(root, unit, result)
+    dropped = stage.dropped_path(root, unit)
+    if dropped.exists() and dropped not in outputs:   # the audit sample (pipeline.audit)
+        outputs.append(dropped)
     result["outputs"] = [{"path": str(path.relative_to(root)), "bytes": path.stat().st_size,
-                          "sha256": sha256_file(path)} for path in stage.unit_outputs(root, unit, result)]
+                          "sha256": sha256_file(path)} for path in outputs]
     write_json(stage.marker_path(root, unit), result)
     return result
 

@@ -13,6 +13,7 @@ DATATROVE_FILTERS: dict[str, dict[str, str]] = {
         "gopher_quality": "datatrove.pipeline.filters.GopherQualityFilter",
         "c4": "datatrove.pipeline.filters.C4QualityFilter",
         "fineweb": "datatrove.pipeline.filters.FineWebQualityFilter",
+        "badwords": "datatrove.pipeline.filters.C4BadWordsFilter",
     },
     "book": {"repetition": "datatrove.pipeline.filters.GopherRepetitionFilter"},
 }

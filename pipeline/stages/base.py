@@ -61,6 +61,12 @@ class MapStage(ABC):
         path = self.output_path(run_dir, unit)
         return [path] if path.exists() else []
 
+    def dropped_path(self, run_dir: Path, unit: Unit) -> Path:
+        """The unit's sample of dropped documents (``pipeline.audit``); listed in its marker when written."""
+        from pipeline.audit import DROPPED_DIR
+
+        return self.stage_dir(run_dir) / DROPPED_DIR / f"{unit.id}.parquet"
+
     def quarantine_path(self, run_dir: Path, unit: Unit) -> Path:
         return self.stage_dir(run_dir) / QUARANTINE_DIR / f"{unit.id}.jsonl"
 
