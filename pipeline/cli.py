@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
     run.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--until", choices=["crawl_filter", "quality", "dedup", "tokenize"],
+    run.add_argument("--until", choices=["crawl_filter", "quality", "url_dedup", "dedup", "line_dedup",
+                                         "decontaminate", "tokenize"],
                      help="stop after this stage (one scheduler task per stage); rerunning resumes")
 
     val = sub.add_parser("validate", help="check a config and list the planned work units, without running")
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--decode", type=int, metavar="N", default=0, help="also print N decoded documents")
     ins.add_argument("--max-chars", type=int, default=600, help="characters shown per decoded document")
     ins.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    ins.add_argument("--dropped", metavar="REASON",
+                     help="show the sampled documents dropped for REASON (e.g. gopher_quality:gopher_short_doc; "
+                          "a prefix ending in ':' such as contaminated: takes every reason under it; 'list' lists "
+                          "the sampled reasons); --decode N says how many (default 3). Works on unfinished runs")
+    ins.add_argument("--stage", help="with --dropped: only this stage's samples (e.g. crawl_filter)")
 
     tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on filtered text")
     tok.add_argument("inputs", nargs="+", type=Path,
@@ -173,6 +179,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.shards import Manifest, ShardReader, verify_run
 
     run_dir = args.run_dir
+    if args.dropped:
+        return _show_dropped(run_dir, args.dropped, args.stage, args.decode or 3, args.max_chars)
     try:
         manifest = Manifest.load(run_dir)
     except (OSError, ValueError, KeyError) as exc:
@@ -214,6 +222,43 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             if shown >= args.decode:
                 break
     return status
+
+
+def _show_dropped(run_dir: Path, reason: str, stage: str | None, count: int, max_chars: int) -> int:
+    """Sampled dropped documents (``pipeline.audit``): the lowest-ranked first, a uniform sample of the reason."""
+    import json
+
+    from pipeline.audit import dropped_reasons, read_dropped
+
+    if not (run_dir / "stages").is_dir():
+        _error(f"{run_dir}: not a pipeline run directory (no stages/)")
+        return EXIT_CONFIG
+    listing = dropped_reasons(run_dir)
+    if reason == "list" or not listing:
+        if not listing:
+            print(f"{run_dir}: no dropped documents sampled (audit.dropped_per_reason: 0, or nothing dropped)")
+            return EXIT_OK
+        print(f"sampled dropped documents in {run_dir} (stage, reason, documents on disk):")
+        for (st, why), n in sorted(listing.items()):
+            print(f"  {st:<16} {why:<48} {n:>6}")
+        return EXIT_OK
+    shown = 0
+    for row in read_dropped(run_dir, reason, stage):
+        meta = json.loads(row["metadata"])
+        where = meta.get("url") or meta.get("locator") or ""
+        text = row["text"]
+        snippet = text[:max_chars] + ("..." if len(text) > max_chars or row["chars"] > len(text) else "")
+        print(f"\n--- {row['id']} [{row['stage']}: {row['reason']}] {row['source']} {where} "
+              f"({row['chars']:,} chars) ---\n{snippet if text else '(dropped before text was extracted)'}")
+        shown += 1
+        if shown >= count:
+            break
+    if shown == 0:
+        reasons = sorted({why for _, why in listing})
+        _error(f"no sampled documents dropped for {reason!r} in {run_dir} (sampled reasons: "
+               f"{', '.join(reasons[:12])}{', ...' if len(reasons) > 12 else ''})")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:

@@ -61,6 +61,7 @@ def run_summary(run_dir: Path, stats: dict[str, Any], manifest: Manifest, second
         mean = f", mean score {q['mean_score']:.3f}" if q.get("mean_score") is not None else ""
         kept = f", kept {q['kept_fraction']:.1%}" if q.get("kept_fraction") is not None else ""
         lines.append(f"quality: {source}: {rule}{threshold}{mean}{kept}")
+    lines += domain_lines(stats)
     lines.append(f"accounting: {'OK (in = kept + dropped + errored at every stage)' if stats['invariant_ok'] else 'VIOLATED'}")
     lines.append(f"tokenizer: {tok['path']} (vocab {tok['vocab_size']:,}, eos {tok['eos_token']!r}={tok['eos_id']}, "
                  f"fingerprint {tok['fingerprint']})")
@@ -70,3 +71,14 @@ def run_summary(run_dir: Path, stats: dict[str, Any], manifest: Manifest, second
     if seconds is not None:
         lines.append(f"wall time: {seconds:.1f}s")
     return "\n".join(lines)
+
+
+def domain_lines(stats: dict[str, Any], n: int = 5) -> list[str]:
+    """Per web source: distinct domains, the top ``n`` by kept and by dropped pages."""
+    lines = []
+    for source, entry in stats.get("domains", {}).items():
+        kept = ", ".join(f"{d} {k:,}" for d, k, *_ in entry["top_kept"][:n]) or "none"
+        dropped = ", ".join(f"{d} {x:,}" for d, _, x, _ in entry["top_dropped"][:n]) or "none"
+        lines.append(f"domains: {source}: {entry['distinct_domains']:,} distinct; most kept: {kept}; "
+                     f"most dropped: {dropped}")
+    return lines

@@ -416,6 +416,7 @@ class PipelineRun:
                 init_ray(self.ray_address, self.config.run.num_cpus)
                 crawl = CrawlFilterStage(self.config)
                 crawl_results = self.map_stage(crawl)
+                self.domains = self._domains(crawl)
                 if self.until == "crawl_filter":
                     return self._stopped(started)
                 after_quality, quality_results, quality_done = self._quality(crawl)
@@ -439,6 +440,16 @@ class PipelineRun:
                 log.removeHandler(handler)
                 handler.close()
         return report
+
+    def _domains(self, crawl: CrawlFilterStage) -> dict[str, Any]:
+        """Top domains by kept and dropped pages per web source (``pipeline.stages.domains``)."""
+        from pipeline.stages.domains import domain_summary
+
+        started = time.perf_counter()
+        web = [u for u in self.units if u.kind == "web"]
+        summary = domain_summary(self.run_dir, web, crawl.domains_path, self.config.audit, log) if web else {}
+        self.wall_seconds["domains"] = round(time.perf_counter() - started, 3)
+        return summary
 
     def _stopped(self, started: float) -> RunReport:
         log.info("stopped after stage %s (until); rerun without --until to finish", self.until)
@@ -474,7 +485,7 @@ class PipelineRun:
         cpus = int(ray.cluster_resources().get("CPU", 1))  # the cluster's, not the driver host's
         thresholds = compute_thresholds(self.run_dir, scorer, self.units, cfg, kinds, tasks=max(1, cpus))
         self.wall_seconds["quality_thresholds"] = round(time.perf_counter() - started, 3)
-        selector = QualitySelectStage(cfg, scorer, kinds, thresholds)
+        selector = QualitySelectStage(cfg, scorer, kinds, thresholds, self.config.audit)
         return selector, self.map_stage(selector), (kinds, score_results, thresholds)
 
     def _dedup(self, crawl: MapStage) -> tuple[MapStage, dict, dict | None]:
@@ -490,7 +501,7 @@ class PipelineRun:
         documents = sum(r.get("documents", 0) for r in signed.values())
         summary = run_graph(self.run_dir, self.units, cfg, log, documents=documents)
         self.wall_seconds["dedup_graph"] = round(time.perf_counter() - started, 3)
-        apply = DedupApplyStage(crawl, unit_index, removal_parts(cfg, len(self.units)))
+        apply = DedupApplyStage(crawl, unit_index, removal_parts(cfg, len(self.units)), self.config.audit)
         return apply, self.map_stage(apply), summary
 
     # ----------------------------------------------------------------- tokenize
@@ -586,6 +597,8 @@ class PipelineRun:
                                                stats, models)
         if dedup_summary is not None:
             stats["dedup"] = dedup_summary
+        if self.domains:
+            stats["domains"] = self.domains
         kinds = {s.name: s.kind for s in self.config.sources}
         manifest = Manifest(format_version=FORMAT_VERSION, config_fingerprint=self.config.fingerprint(),
                             tokenizer=tokenizer.to_json(), shards=shards, totals=build_totals(shards, kinds))

@@ -47,6 +47,7 @@ from typing import Any
 from datatrove.data import Document
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from pipeline.audit import UnitAudit, audit_metadata
 from pipeline.config import CrawlFilterConfig
 from pipeline.extract import ExtractSettings, PageExtractor
 from pipeline.filters.base import Verdict, datatrove_verdict
@@ -229,7 +230,9 @@ class WebCrawlFilter:
             extraction.timeout_s)
         self.steps = build_text_steps(cfg)
 
-    def run(self, pages: Iterator[Document], ledger: Ledger, seconds: dict[str, float]) -> Iterator[Document]:
+    def run(self, pages: Iterator[Document], ledger: Ledger, seconds: dict[str, float],
+            audit: UnitAudit | None = None) -> Iterator[Document]:
+        audit = audit or UnitAudit(0, 0)
         batch: list[Document] = []
         for page in pages:
             meta = page.metadata
@@ -243,21 +246,22 @@ class WebCrawlFilter:
                     page.metadata["error"] = f"{type(exc).__name__}: {exc}"
                 seconds["url"] = seconds.get("url", 0.0) + time.perf_counter() - started
                 if kept is None:
-                    self._poison(ledger, page, reason, len(page.body))
+                    self._poison(ledger, page, reason, len(page.body), audit)
                     continue
                 if not kept:
                     ledger.dropped(self.stage, meta["source"], meta["source_kind"], reason or "url", 1,
                                    len(page.body))
+                    audit.dropped(reason or "url", page.id, meta["source"], "", audit_metadata(meta))
                     continue
             batch.append(page)
             if len(batch) >= self.batch_pages:
-                yield from self._extract_and_filter(batch, ledger, seconds)
+                yield from self._extract_and_filter(batch, ledger, seconds, audit)
                 batch = []
         if batch:
-            yield from self._extract_and_filter(batch, ledger, seconds)
+            yield from self._extract_and_filter(batch, ledger, seconds, audit)
 
     def _extract_and_filter(self, pages: list[Document], ledger: Ledger,
-                            seconds: dict[str, float]) -> Iterator[Document]:
+                            seconds: dict[str, float], audit: UnitAudit) -> Iterator[Document]:
         started = time.perf_counter()
         results = self.extractor.extract_many([(p.body, p.header_charset) for p in pages])
         seconds["extract"] = seconds.get("extract", 0.0) + time.perf_counter() - started
@@ -269,23 +273,28 @@ class WebCrawlFilter:
                 ledger.tally(self.stage, source, "charset_method", result.charset_method)
             if result.outcome == "dropped":
                 ledger.dropped(self.stage, source, kind, result.reason, 1, nbytes)
+                audit.dropped(result.reason, page.id, source, "", audit_metadata(page.metadata))
                 continue
             if result.outcome == "errored":
                 page.metadata["error"] = result.reason
-                self._poison(ledger, page, result.reason, nbytes)
+                self._poison(ledger, page, result.reason, nbytes, audit)
                 continue
             doc = Document(text=result.text, id=page.id, metadata={**page.metadata, "charset": result.charset,
                                                                     "charset_method": result.charset_method})
+            extracted = doc.text
             outcome, reason = run_text_steps(doc, self.steps, seconds)
             if outcome == "kept":
                 ledger.kept(self.stage, source, kind, 1, len(doc.text.encode("utf-8", "surrogatepass")))
+                audit.kept(source, doc.metadata)
                 yield doc
             elif outcome == "dropped":
                 ledger.dropped(self.stage, source, kind, reason, 1, nbytes)
+                audit.dropped(reason, doc.id, source, extracted, audit_metadata(doc.metadata))
             else:
-                self._poison(ledger, doc, reason, nbytes)
+                self._poison(ledger, doc, reason, nbytes, audit)
 
-    def _poison(self, ledger: Ledger, doc: Document, reason: str, nbytes: int) -> None:
+    def _poison(self, ledger: Ledger, doc: Document, reason: str, nbytes: int, audit: UnitAudit) -> None:
         meta = doc.metadata
+        audit.errored(meta["source"], meta)
         ledger.poison(self.stage, meta["source"], meta["source_kind"], reason, nbytes, doc_id=doc.id,
                       locator=meta["locator"], error=meta.pop("error", reason))

@@ -13,6 +13,7 @@ from typing import Any
 
 from datatrove.data import Document
 
+from pipeline.audit import DOMAINS_DIR, UnitAudit, audit_metadata
 from pipeline.config import PipelineConfig
 from pipeline.document import write_documents
 from pipeline.filters.registry import build_filters
@@ -24,8 +25,10 @@ from pipeline.stages.base import MapStage, worker_cached
 STAGE = "crawl_filter"
 
 
-def apply_filters(docs: Iterator[Document], filters: list, ledger: Ledger, clock: list[float]) -> Iterator[Document]:
+def apply_filters(docs: Iterator[Document], filters: list, ledger: Ledger, clock: list[float],
+                  audit: UnitAudit | None = None) -> Iterator[Document]:
     """Run each document through the filters in order; every document ends kept, dropped or errored."""
+    audit = audit or UnitAudit(0, 0)
     for doc in docs:
         started = time.perf_counter()
         source, kind = doc.metadata["source"], doc.metadata["source_kind"]
@@ -49,6 +52,7 @@ def apply_filters(docs: Iterator[Document], filters: list, ledger: Ledger, clock
             yield doc
         elif verdict[0] == "dropped":
             ledger.dropped(STAGE, source, kind, verdict[1], 1, nbytes)
+            audit.dropped(verdict[1], doc.id, source, doc.text, audit_metadata(doc.metadata))
         else:
             ledger.poison(STAGE, source, kind, verdict[1], nbytes, doc_id=doc.id, locator=doc.metadata["locator"],
                           error=error)
@@ -73,6 +77,13 @@ class CrawlFilterStage(MapStage):
     def __init__(self, config: PipelineConfig):
         self.config = config
         self.fingerprint = config.fingerprint()
+
+    def domains_path(self, run_dir: Path, unit: Unit) -> Path:
+        """Web units: pages per (source, domain) and outcome, partitioned for the run's domain statistics."""
+        return self.stage_dir(run_dir) / DOMAINS_DIR / f"{unit.id}.arrow"
+
+    def unit_outputs(self, run_dir: Path, unit: Unit, result: dict[str, Any]) -> list[Path]:
+        return [p for p in (self.output_path(run_dir, unit), self.domains_path(run_dir, unit)) if p.exists()]
 
     def _reader(self, unit: Unit):
         source = self.config.source(unit.source)
@@ -109,12 +120,17 @@ class CrawlFilterStage(MapStage):
 
         steps: dict[str, float] = {}  # seconds per step, for the per-step breakdown in stats.json
         clock = [0.0]
+        audit_cfg = self.config.audit
+        audit = UnitAudit(audit_cfg.dropped_per_reason, audit_cfg.dropped_max_chars, domains=unit.kind == "web")
         if unit.kind == "web":
-            kept = filters.run(documents(), ledger, steps)
+            kept = filters.run(documents(), ledger, steps, audit)
         else:
-            kept = apply_filters(documents(), filters, ledger, clock)
+            kept = apply_filters(documents(), filters, ledger, clock, audit)
         count, nbytes = write_documents(self.output_path(run_dir, unit), kept, reject=unwritable(ledger))
         self.write_quarantine(run_dir, unit, ledger)
+        audit.sampler.write(self.dropped_path(run_dir, unit))
+        if audit.domains is not None:
+            audit.domains.write(self.domains_path(run_dir, unit), audit_cfg.domain_partitions)
         total = time.perf_counter() - started
         if unit.kind != "web":
             steps["filters"] = clock[0]

@@ -22,6 +22,7 @@ derives from document ids and scores, never from positions; positions only name 
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections import Counter
@@ -33,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, read_json, write_json
-from pipeline.config import DedupConfig
+from pipeline.audit import DropSampler
+from pipeline.config import AuditConfig, DedupConfig
 from pipeline.dedup.graph import node_key
 from pipeline.dedup.minhash import MinHasher, band_keys, exact_key, lsh_params, scope_hash
 from pipeline.dedup.shuffle import merge_plan, merge_task, write_ipc, write_partitioned
@@ -384,7 +386,9 @@ def check_index(index_sig: Path, cfg: DedupConfig) -> None:
 class DedupApplyStage(MapStage):
     name = STAGE
 
-    def __init__(self, input_stage: MapStage, unit_index: dict[str, int], removal_files: int):
+    def __init__(self, input_stage: MapStage, unit_index: dict[str, int], removal_files: int,
+                 audit: AuditConfig | None = None):
+        self.audit = audit or AuditConfig(dropped_per_reason=0)
         self.input_stage = input_stage
         self.unit_index = unit_index
         self.removal_files = removal_files
@@ -410,6 +414,7 @@ class DedupApplyStage(MapStage):
         removed = self.removed_rows(run_dir, unit)
         ledger = Ledger()
         kept_total = 0
+        sampler = DropSampler(self.audit.dropped_per_reason, self.audit.dropped_max_chars)
         source = pq.ParquetFile(self.input_stage.output_path(run_dir, unit))
         with atomic_path(self.output_path(run_dir, unit)) as tmp, \
                 pq.ParquetWriter(tmp, DOC_SCHEMA, compression="zstd") as writer:
@@ -424,10 +429,13 @@ class DedupApplyStage(MapStage):
                     if row + i in removed:
                         keep[i] = False
                         ledger.dropped(STAGE, src, kind, REASONS[removed[row + i]], 1, nbytes)
+                        sampler.offer(REASONS[removed[row + i]], batch.column("id")[i].as_py(), src, text,
+                                      lambda i=i, b=batch: json.loads(b.column("metadata")[i].as_py()))
                     else:
                         ledger.kept(STAGE, src, kind, 1, nbytes)
                 row += batch.num_rows
                 kept_total += int(keep.sum())
                 writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep)).cast(DOC_SCHEMA))
+        sampler.write(self.dropped_path(run_dir, unit))
         ledger.add_seconds(STAGE, unit.source, time.perf_counter() - started)
         return {"ledger": ledger.to_json(), "documents": kept_total, "removed": len(removed)}

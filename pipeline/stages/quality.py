@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, read_json, write_json
-from pipeline.config import QualityConfig
+from pipeline.audit import DropSampler
+from pipeline.config import AuditConfig, QualityConfig
 from pipeline.document import DOC_SCHEMA
 from pipeline.ledger import Ledger
 from pipeline.quality import select
@@ -278,8 +279,9 @@ class QualitySelectStage(MapStage):
     name = SELECT_STAGE
 
     def __init__(self, cfg: QualityConfig, score_stage: QualityScoreStage, kinds: dict[str, str],
-                 thresholds: dict[str, Any]):
+                 thresholds: dict[str, Any], audit: AuditConfig | None = None):
         self.cfg = cfg
+        self.audit = audit or AuditConfig(dropped_per_reason=0)
         self.score_stage = score_stage
         self.kinds = kinds
         self.thresholds = {s: t["threshold"] for s, t in thresholds.get("thresholds", {}).items()}
@@ -290,6 +292,9 @@ class QualitySelectStage(MapStage):
     def marker_path(self, run_dir: Path, unit: Unit) -> Path:
         return run_dir / STAGES_DIR / STAGE / f"{unit.id}.done.json"
 
+    def stage_dir(self, run_dir: Path) -> Path:
+        return run_dir / STAGES_DIR / STAGE
+
     def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:
         policy = self.cfg.policy_for(unit.source, self.kinds[unit.source])
         ledger = Ledger()
@@ -298,6 +303,7 @@ class QualitySelectStage(MapStage):
         scores_table = pa.ipc.open_file(pa.memory_map(str(self.score_stage.scores_path(run_dir, unit)))).read_all()
         scores = scores_table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
         done = kept_total = 0
+        sampler = DropSampler(self.audit.dropped_per_reason, self.audit.dropped_max_chars)
         # Decided and written batch by batch (every policy decides each document alone: a threshold, the
         # run's percentile threshold, or a Pareto draw from its id): the unit is never held whole.
         with atomic_path(self.output_path(run_dir, unit)) as tmp, \
@@ -319,12 +325,17 @@ class QualitySelectStage(MapStage):
                         ledger.kept(STAGE, source, kind, 1, nbytes[i])
                     else:
                         ledger.dropped(STAGE, source, kind, DROP_REASONS[policy.mode], 1, nbytes[i])
+                        sampler.offer(DROP_REASONS[policy.mode], ids[i], source,
+                                      lambda i=i, b=batch: b.column("text")[i].as_py(),
+                                      lambda i=i, b=batch, p=part: {**json.loads(b.column("metadata")[i].as_py()),
+                                                                    "quality_score": float(p[i])})
                 kept = keep & ~unscored
                 kept_total += int(kept.sum())
                 if kept.any():
                     writer.write_batch(batch.filter(pa.array(kept)))
             if done != len(scores):
                 raise ValueError(f"{unit.id}: {done} documents but {len(scores)} scores")
+        sampler.write(self.dropped_path(run_dir, unit))
         ledger.add_seconds(STAGE, unit.source, time.perf_counter() - started)
         return {"ledger": ledger.to_json(), "documents": done, "kept": kept_total}
 
