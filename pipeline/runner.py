@@ -53,7 +53,7 @@ from pipeline.stages.tokenize import TokenizeStage
 from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer, train_sample
 
 log = logging.getLogger("pipeline")
-STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "dedup", "tokenize"]
+STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "url_dedup", "dedup", "tokenize"]
 TOKENIZER_TRAIN_CPUS = 8   # BPE training's threads at most
 
 
@@ -403,6 +403,11 @@ class PipelineRun:
         from pipeline.dedup.plan import check_budget
 
         check_budget(self.config.dedup, self.config.run.unit_target_mb)  # before any work: refuse, with numbers
+        self.url_dedup_summary: dict | None = None
+        if self.config.url_dedup.enabled:
+            from pipeline.stages.url_dedup import check_url_index
+
+            check_url_index(self.config.url_dedup, self.run_dir)         # an unusable index: refused here
         self.model_digests = self._check_quality_models()
         self.units = plan_units(self.config)
         self.resumed: dict[str, int] = {}
@@ -422,7 +427,10 @@ class PipelineRun:
                 after_quality, quality_results, quality_done = self._quality(crawl)
                 if self.until == "quality":
                     return self._stopped(started)
-                last, dedup_results, dedup_summary = self._dedup(after_quality)
+                after_urls, url_results, self.url_dedup_summary = self._url_dedup(after_quality)
+                if self.until == "url_dedup":
+                    return self._stopped(started)
+                last, dedup_results, dedup_summary = self._dedup(after_urls)
                 if self.until == "dedup":
                     return self._stopped(started)
                 tok_cfg = self.config.tokenize
@@ -433,8 +441,8 @@ class PipelineRun:
                 score_key = self.config.quality.score_key if self.config.quality.enabled else None
                 tokenize = TokenizeStage(last, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size, score_key)
                 tok_results, shards = self._tokenize(tokenize, tokenizer)
-                report = self._publish([crawl_results, quality_results, dedup_results, tok_results], tokenizer,
-                                       time.perf_counter() - started, dedup_summary, quality_done, shards,
+                report = self._publish([crawl_results, quality_results, url_results, dedup_results, tok_results],
+                                       tokenizer, time.perf_counter() - started, dedup_summary, quality_done, shards,
                                        [tokenize.output_path(self.run_dir, u) for u in self.units])
             finally:
                 log.removeHandler(handler)
@@ -487,6 +495,29 @@ class PipelineRun:
         self.wall_seconds["quality_thresholds"] = round(time.perf_counter() - started, 3)
         selector = QualitySelectStage(cfg, scorer, kinds, thresholds, self.config.audit)
         return selector, self.map_stage(selector), (kinds, score_results, thresholds)
+
+    def _url_dedup(self, previous_stage: MapStage) -> tuple[MapStage, dict, dict | None]:
+        """URL keys (map), the reduce by URL (global), removal (map); or nothing when disabled
+        (``pipeline.stages.url_dedup``)."""
+        from pipeline.stages.url_dedup import (
+            URLDedupApplyStage,
+            URLKeyStage,
+            run_url_reduce,
+            write_key_params,
+        )
+
+        cfg = self.config.url_dedup
+        if not cfg.enabled:
+            return previous_stage, {}, None
+        unit_index = {u.id: i for i, u in enumerate(sorted(self.units, key=lambda u: u.id))}
+        keys = URLKeyStage(cfg, previous_stage, unit_index)
+        keyed = self.map_stage(keys)
+        write_key_params(self.run_dir, cfg, sum(r.get("with_url", 0) for r in keyed.values()))
+        started = time.perf_counter()
+        summary = run_url_reduce(self.run_dir, self.units, cfg, log, documents=keyed)
+        self.wall_seconds["url_dedup_reduce"] = round(time.perf_counter() - started, 3)
+        apply = URLDedupApplyStage(cfg, previous_stage, unit_index, self.config.audit)
+        return apply, self.map_stage(apply), summary
 
     def _dedup(self, crawl: MapStage) -> tuple[MapStage, dict, dict | None]:
         """Signatures (map), the duplicate graph (global), removal (map); or nothing when disabled."""
@@ -595,6 +626,8 @@ class PipelineRun:
                       for name, spec in self.config.quality.models.items()}
             stats["quality"] = quality_summary(self.config.quality, kinds, score_results, self.units, thresholds,
                                                stats, models)
+        if self.url_dedup_summary is not None:
+            stats["url_dedup"] = self.url_dedup_summary
         if dedup_summary is not None:
             stats["dedup"] = dedup_summary
         if self.domains:
