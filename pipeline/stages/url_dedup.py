@@ -190,8 +190,12 @@ class TaskMemory:
         return 0
 
     def growth(self) -> int:
+        return max(0, self.peak() - self.start)
+
+    def peak(self) -> int:
+        """The process's peak resident memory during the task (the worker's own included)."""
         try:
-            return max(0, self._status("VmHWM") - self.start)
+            return self._status("VmHWM")
         except OSError:
             return 0
 
@@ -235,7 +239,7 @@ def reduce_step(k: int, inputs: list[str], transforms: list | None, keep: str, u
             "duplicate_groups": int((ours & (sizes > 1)).sum()), "removed": int(removed.sum()),
             "removed_index": int((reason == REASON_INDEX).sum()), "group_sizes": dict(histogram),
             "largest_group": int(sizes.max()) if n else 0, "held_bytes": int(held),
-            "peak_rss_growth": memory.growth(), **probe.peak()}
+            "peak_rss_growth": memory.growth(), "peak_rss": memory.peak(), **probe.peak()}
 
 
 def collect_step(r: int, inputs: list[str], out: str, root: str) -> dict[str, Any]:
@@ -336,6 +340,7 @@ def run_url_reduce(run_dir: Path, units: list[Unit], cfg: URLDedupConfig, log=No
                     "max_reduce_rows": max([r["rows"] for r in reduced] or [0]),
                     "max_reduce_held_bytes": max([r["held_bytes"] for r in reduced] or [0]),
                     "max_reduce_rss_growth": max([r["peak_rss_growth"] for r in reduced] or [0]),
+                    "max_reduce_peak_rss": max([r["peak_rss"] for r in reduced] or [0]),
                     "max_collect_rss_growth": max([r["peak_rss_growth"] for r in collected] or [0])},
         "seconds": round(time.perf_counter() - started, 3)}
     write_json(marker, summary)
@@ -395,9 +400,11 @@ class URLDedupApplyStage(MapStage):
                     cell = counts.setdefault((s, k, c), [0, 0])
                     cell[0] += count
                     cell[1] += nbytes
-                for j, i in enumerate(local.tolist()):
-                    self._offer(sampler, batch, i, int(removed["reason"][lo + j]),
-                                id_text(removed["kept_hi"][lo + j], removed["kept_lo"][lo + j]))
+                taken = pa.array(local)
+                for j, (i, doc_id, src) in enumerate(zip(local.tolist(), batch.column("id").take(taken).to_pylist(),
+                                                         batch.column("source").take(taken).to_pylist())):
+                    self._offer(sampler, batch, i, doc_id, src, int(removed["reason"][lo + j]),
+                                int(removed["kept_hi"][lo + j]), int(removed["kept_lo"][lo + j]))
                 keep = code < 0
                 kept_total += int(keep.sum())
                 writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep)).cast(DOC_SCHEMA))
@@ -414,12 +421,13 @@ class URLDedupApplyStage(MapStage):
         return {"ledger": ledger.to_json(), "documents": kept_total, "removed": len(rows)}
 
     @staticmethod
-    def _offer(sampler: DropSampler, batch: pa.RecordBatch, i: int, reason: int, kept_id: str) -> None:
+    def _offer(sampler: DropSampler, batch: pa.RecordBatch, i: int, doc_id: str, source: str, reason: int,
+               kept_hi: int, kept_lo: int) -> None:
+        """One dropped document to the audit sample; its text and metadata are read only if it enters."""
         def metadata() -> dict[str, Any]:
             meta = audit_metadata(json.loads(batch.column("metadata")[i].as_py()))
             url = meta.get("url")
             return {**meta, "normalized_url": normalize_url(url) if isinstance(url, str) else None,
-                    "kept_id": kept_id}
+                    "kept_id": id_text(kept_hi, kept_lo)}
 
-        sampler.offer(REASONS[reason], batch.column("id")[i].as_py(), batch.column("source")[i].as_py(),
-                      lambda: batch.column("text")[i].as_py(), metadata)
+        sampler.offer(REASONS[reason], doc_id, source, lambda: batch.column("text")[i].as_py(), metadata)
