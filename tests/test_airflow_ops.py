@@ -63,7 +63,7 @@ def test_input_paths_override_and_unknown_sources_are_refused(base_config, tmp_p
 def test_stage_commands_stop_after_their_stage(base_config, tmp_path):
     run = plan_run(base_config, tmp_path, None, DAY)
     commands = [stage_command(run, s) for s in STAGES]
-    assert [c[c.index("--until") + 1] for c in commands] == ["crawl_filter", "quality", "dedup", "tokenize"]
+    assert [c[c.index("--until") + 1] for c in commands] == ["crawl_filter", "quality", "line_dedup", "tokenize"]
     assert all(c[:4] == ["python", "-m", "pipeline", "run"] and c[c.index("--output") + 1] == run.run_dir
                for c in commands)
     with pytest.raises(ValueError):

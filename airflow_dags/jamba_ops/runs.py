@@ -21,8 +21,11 @@ from typing import Any
 
 import yaml
 
-# The pipeline's stages in order; each is one Airflow task running `pipeline run ... --until STAGE`.
+# The Airflow tasks in order; each runs `pipeline run ... --until <its last stage>`. The pipeline has more
+# stages than tasks: the "dedup" task runs URL, document and line dedup (one Ray job, where most of a
+# task's fixed cost is starting it), the "tokenize" task decontamination, tokenize and pack.
 STAGES = ("crawl_filter", "quality", "dedup", "tokenize")
+LAST_STAGE = {"crawl_filter": "crawl_filter", "quality": "quality", "dedup": "line_dedup", "tokenize": "tokenize"}
 READY_NAME = "_READY.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -85,8 +88,8 @@ def stage_command(run: DataRun | dict[str, Any], stage: str, python: str = "pyth
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     run = run if isinstance(run, dict) else asdict(run)
-    return [python, "-m", "pipeline", "run", run["config"], "--output", run["run_dir"], "--until", stage,
-            "--no-progress"]
+    return [python, "-m", "pipeline", "run", run["config"], "--output", run["run_dir"], "--until",
+            LAST_STAGE[stage], "--no-progress"]
 
 
 def publish(run_dir: str | Path, version: str) -> dict[str, Any]:
