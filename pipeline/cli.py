@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="existing Ray cluster (default: $RAY_ADDRESS, else an embedded local Ray)")
     run.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--until", choices=["crawl_filter", "quality", "dedup", "tokenize"],
+    run.add_argument("--until", choices=["crawl_filter", "quality", "dedup", "line_dedup", "tokenize"],
                      help="stop after this stage (one scheduler task per stage); rerunning resumes")
 
     val = sub.add_parser("validate", help="check a config and list the planned work units, without running")
