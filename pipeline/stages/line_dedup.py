@@ -179,7 +179,7 @@ def run_line_reduce(run_dir: Path, units: list[Unit], cfg: LineDedupConfig, log=
                            "max_open_files_per_task": steps.max_open_files,
                            "declared_memory": reduce_memory(hash_bytes, len(files), cfg)},
                "seconds": round(time.perf_counter() - started, 3)}
-    write_json(marker, summary)
+    write_json(marker, summary, sort_keys=False)       # the histogram in count order
     shutil.rmtree(steps.dir, ignore_errors=True)       # merged files and task markers: consumed
     if log:
         log.info("line dedup reduce: %s", summary)
