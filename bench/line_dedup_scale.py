@@ -8,17 +8,19 @@ hashes), combined per unit and written exactly as ``LineHashStage`` writes them 
 hash % partitions). For each partition count it then runs
 
 * the reduce on Ray (``run_line_reduce``: merges with fan-in, one task per partition), wall time;
-* one reduce task body and one merge task body alone, each in a fresh process, for their peak RSS (the
-  memory a task really holds, not counting the interpreter and imports: the baseline process is subtracted);
-* the apply's lookups for one unit's worth of line hashes against the frequent files (``FrequentLines``) in
-  a fresh process: maps held, anonymous memory (what the task owns) and file-backed memory (pages of the
-  memory-mapped frequent parts it touched; the page cache's, shared and reclaimable).
+* one reduce task body and one merge task body alone, each in a fresh process, for their peak resident
+  memory above the interpreter and imports: anonymous (what the task owns) and file-backed (pages of
+  memory-mapped inputs it touched: the page cache's, shared and reclaimable);
+* the apply's lookups for one unit's worth of line hashes (a third of them frequent) against the frequent
+  files (``FrequentLines``), in a fresh process: maps held, and the same two peaks; with ``--frequent N``
+  also against a synthetic frequent set of N lines (the reduce's output of a much larger corpus).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -58,21 +60,61 @@ def write_units(run: Path, units: int, votes: int, boilerplate: float, partition
 
 
 def child(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; its last line of output is a JSON dict, to which the peak RSS
-    above a baseline process (the same imports, no work) is added."""
-    prelude = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+    """Run ``code`` in a fresh interpreter; its result is the dict ``out`` it leaves, plus the peak anonymous
+    and file-backed resident memory above what the process held before ``code`` ran (the interpreter and
+    imports), sampled every 2 ms from /proc/self/status."""
+    prelude = (f"import json, sys, threading, time; sys.path.insert(0, {str(ROOT)!r})\n"
                "import numpy as np, pyarrow as pa\n"
                "from pipeline.stages.line_dedup import reduce_step, FrequentLines\n"
-               "from pipeline.dedup.shuffle import merge_task\n")
-    peak = "print(json.dumps({**out, 'max_rss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))"
-    base = subprocess.run([sys.executable, "-c", prelude + "out = {}\n" + peak], capture_output=True, text=True,
-                          check=True)
-    proc = subprocess.run([sys.executable, "-c", prelude + code + "\n" + peak], capture_output=True, text=True)
+               "from pipeline.dedup.shuffle import merge_task\n"
+               "def _rss():\n"
+               "    st = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+               "    return int(st['RssAnon'].split()[0]), int(st['RssFile'].split()[0])\n"
+               "_base = _rss(); _peak = list(_base)\n"
+               "def _sample():\n"
+               "    while True:\n"
+               "        a, f = _rss(); _peak[0] = max(_peak[0], a); _peak[1] = max(_peak[1], f); time.sleep(0.002)\n"
+               "threading.Thread(target=_sample, daemon=True).start()\n")
+    report = ("time.sleep(0.01)\n"
+              "out.update(peak_anon_mib=round((_peak[0] - _base[0]) / 1024, 1), "
+              "peak_file_mib=round((_peak[1] - _base[1]) / 1024, 1))\n"
+              "print(json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", prelude + code + "\n" + report], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["task_peak_mib"] = round((result["max_rss_kib"] - json.loads(base.stdout)["max_rss_kib"]) / 1024, 1)
-    return result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_frequent(run: Path, count: int, partitions: int) -> int:
+    """A frequent set of ``count`` random hashes, written as the reduce writes it (sorted, per partition)."""
+    import pyarrow as pa
+
+    from pipeline.dedup.shuffle import write_ipc
+    from pipeline.stages.line_dedup import frequent_path, hash_partition
+
+    rng = np.random.default_rng(99)
+    hashes = np.unique(rng.integers(0, 2**64 - 1, count, dtype=np.uint64, endpoint=True))
+    part = hash_partition(hashes, partitions)
+    for k in range(partitions):
+        mine = hashes[part == k]
+        write_ipc(frequent_path(run, k), pa.table({"hash": pa.array(mine, pa.uint64()),
+                                                   "documents": pa.array(np.full(len(mine), 3, np.uint32))}))
+    return len(hashes)
+
+
+APPLY = """from pathlib import Path
+rng = np.random.default_rng(7)
+table = pa.ipc.open_file(pa.memory_map({part0!r})).read_all().column('hash').to_numpy()
+hits = table[rng.integers(0, len(table), {hits})] if len(table) else np.zeros(0, np.uint64)   # frequent lines
+del table
+h = np.concatenate([hits, rng.integers(0, 2**64 - 1, {lines} - len(hits), dtype=np.uint64, endpoint=True)])
+f = FrequentLines(Path({run!r}), {P})
+found = f.lookup(h)
+maps = sum(1 for line in open('/proc/self/maps') if 'frequent/part-' in line)
+out = {{'lines': len(h), 'found': int(found.sum()), 'maps_held': maps, 'max_open': f.max_open}}
+f.close()
+out['maps_after_close'] = sum(1 for line in open('/proc/self/maps') if 'frequent/part-' in line)
+"""
 
 
 def main() -> None:
@@ -83,6 +125,7 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--fan-in", type=int, default=64)
     ap.add_argument("--apply-lines", type=int, default=2_000_000, help="line hashes of one unit looked up")
+    ap.add_argument("--frequent", type=int, default=0, help="also look up against a frequent set this large")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -116,21 +159,15 @@ def main() -> None:
                                      "out.pop('histogram')")
         entry["merge_task"] = child(f"out = merge_task({files[:args.fan_in]!r}, {str(run / 'merge.arrow')!r}, {P}, "
                                     f"{str(run)!r})")
-        entry["apply_lookup"] = child(
-            f"from pathlib import Path\nfrom pipeline.dedup.minhash import fmix64\n"
-            f"rng = np.random.default_rng(7)\n"
-            f"h = np.concatenate([fmix64(np.minimum(rng.zipf(1.3, {args.apply_lines // 3}), {POOL}).astype(np.uint64)"
-            f" + np.uint64(0x51ED)), rng.integers(0, 2**64 - 1, {args.apply_lines - args.apply_lines // 3}, "
-            f"dtype=np.uint64, endpoint=True)])\n"
-            f"f = FrequentLines(Path({str(run)!r}), {P})\n"
-            f"found = f.lookup(h)\n"
-            f"status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
-            f"maps = sum(1 for line in open('/proc/self/maps') if 'frequent/part-' in line)\n"
-            f"out = {{'lines': len(h), 'frequent': int(found.sum()), 'maps_held': maps, 'max_open': f.max_open, "
-            f"'rss_anon_mib': int(status['RssAnon'].split()[0]) // 1024, "
-            f"'rss_file_mib': int(status['RssFile'].split()[0]) // 1024}}\n"
-            f"f.close()\n"
-            f"out['maps_after_close'] = sum(1 for line in open('/proc/self/maps') if 'frequent/part-' in line)")
+        entry["apply_lookup"] = child(APPLY.format(part0=str(frequent_path(run, 0)), hits=args.apply_lines // 3,
+                                                   lines=args.apply_lines, run=str(run), P=P))
+        if args.frequent:      # the same lookups against a large frequent set
+            big = args.out / f"big-p{P}"
+            entry["large_frequent_set"] = write_frequent(big, args.frequent, P)
+            entry["large_frequent_bytes"] = sum(frequent_path(big, k).stat().st_size for k in range(P))
+            entry["apply_lookup_large"] = child(APPLY.format(part0=str(frequent_path(big, 0)), hits=args.apply_lines // 3,
+                                                             lines=args.apply_lines, run=str(big), P=P))
+            shutil.rmtree(big)
         entry["estimate"] = reduce_memory(hash_bytes, args.units, cfg)
         report[f"partitions_{P}"] = entry
         print(json.dumps({P: entry}, indent=1), flush=True)
