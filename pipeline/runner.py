@@ -42,6 +42,7 @@ from pipeline.sources.base import READ_STAGE, Unit
 from pipeline.stages.base import MapStage
 from pipeline.stages.crawl_filter import CrawlFilterStage
 from pipeline.stages.dedup import DedupApplyStage, DedupSignatureStage, dedup_params, removal_parts, run_graph
+from pipeline.stages.line_dedup import LineDedupApplyStage, LineHashStage, run_line_reduce
 from pipeline.stages.quality import (
     QualityScoreStage,
     QualitySelectStage,
@@ -53,7 +54,7 @@ from pipeline.stages.tokenize import TokenizeStage
 from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer, train_sample
 
 log = logging.getLogger("pipeline")
-STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "url_dedup", "dedup", "tokenize"]
+STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "url_dedup", "dedup", "line_dedup", "tokenize"]
 TOKENIZER_TRAIN_CPUS = 8   # BPE training's threads at most
 
 
@@ -433,6 +434,9 @@ class PipelineRun:
                 last, dedup_results, dedup_summary = self._dedup(after_urls)
                 if self.until == "dedup":
                     return self._stopped(started)
+                last, line_results, line_summary = self._line_dedup(last)
+                if self.until == "line_dedup":
+                    return self._stopped(started)
                 tok_cfg = self.config.tokenize
                 tokenizer = prepare_tokenizer(
                     self.run_dir, tok_cfg.tokenizer, tok_cfg.eos_token, tok_cfg.train.vocab_size,
@@ -441,9 +445,11 @@ class PipelineRun:
                 score_key = self.config.quality.score_key if self.config.quality.enabled else None
                 tokenize = TokenizeStage(last, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size, score_key)
                 tok_results, shards = self._tokenize(tokenize, tokenizer)
-                report = self._publish([crawl_results, quality_results, url_results, dedup_results, tok_results],
+                report = self._publish([crawl_results, quality_results, url_results, dedup_results, line_results,
+                                        tok_results],
                                        tokenizer, time.perf_counter() - started, dedup_summary, quality_done, shards,
-                                       [tokenize.output_path(self.run_dir, u) for u in self.units])
+                                       [tokenize.output_path(self.run_dir, u) for u in self.units],
+                                       summaries={"line_dedup": line_summary})
             finally:
                 log.removeHandler(handler)
                 handler.close()
@@ -535,6 +541,19 @@ class PipelineRun:
         apply = DedupApplyStage(crawl, unit_index, removal_parts(cfg, len(self.units)), self.config.audit)
         return apply, self.map_stage(apply), summary
 
+    def _line_dedup(self, previous: MapStage) -> tuple[MapStage, dict, dict | None]:
+        """Line hashes (map), the frequent lines (global), their removal (map); or nothing when disabled or
+        when no source is of the configured kinds."""
+        cfg = self.config.line_dedup
+        if not cfg.enabled or not any(s.kind in cfg.kinds for s in self.config.sources):
+            return previous, {}, None
+        self.map_stage(LineHashStage(cfg, previous))
+        started = time.perf_counter()
+        summary = run_line_reduce(self.run_dir, self.units, cfg, log)
+        self.wall_seconds["line_dedup_reduce"] = round(time.perf_counter() - started, 3)
+        apply = LineDedupApplyStage(cfg, previous, self.config.audit)
+        return apply, self.map_stage(apply), summary
+
     # ----------------------------------------------------------------- tokenize
     def _train_tokenizer(self, *args: Any) -> str:
         """``prepare_tokenizer``'s training (sampling and BPE) in one Ray task rather than in the driver, with
@@ -608,7 +627,7 @@ class PipelineRun:
     # ----------------------------------------------------------------- outputs
     def _publish(self, stage_results: list[dict], tokenizer: TokenizerInfo, seconds: float,
                  dedup_summary: dict | None, quality_done: Any = None, shards: list[ShardInfo] | None = None,
-                 consumed: list[Path] | None = None) -> RunReport:
+                 consumed: list[Path] | None = None, summaries: dict[str, dict | None] | None = None) -> RunReport:
         """Stats, then the manifest of ``shards`` if the accounting holds; then the token files the shards
         were packed from (``consumed``) are deleted."""
         shards = shards or []
@@ -632,6 +651,9 @@ class PipelineRun:
             stats["dedup"] = dedup_summary
         if self.domains:
             stats["domains"] = self.domains
+        for key, summary in (summaries or {}).items():   # global stages' summaries (line_dedup)
+            if summary is not None:
+                stats[key] = summary
         kinds = {s.name: s.kind for s in self.config.sources}
         manifest = Manifest(format_version=FORMAT_VERSION, config_fingerprint=self.config.fingerprint(),
                             tokenizer=tokenizer.to_json(), shards=shards, totals=build_totals(shards, kinds))

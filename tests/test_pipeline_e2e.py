@@ -44,9 +44,11 @@ def test_shards_decode_back_to_the_kept_text(clean_run):
             docs.update(zip(table["id"], table["text"]))
         return docs
 
-    kept, selected = documents("dedup"), documents("quality")
+    deduped, selected = documents("dedup"), documents("url_dedup")      # dedup reads url_dedup's output
     removed = pq.read_table(run_dir / "stages/dedup/removed.parquet").column("id").to_pylist()
-    assert set(selected) - set(kept) == set(removed) and set(kept) <= set(selected)
+    assert set(selected) - set(deduped) == set(removed) and set(deduped) <= set(selected)
+    kept = documents("line_dedup")                     # what tokenize reads: dedup's output minus frequent lines
+    assert set(kept) <= set(deduped)
     manifest = Manifest.load(run_dir)
     tokenizer = load_tokenizer(run_dir / manifest.tokenizer["path"])
     eos = manifest.tokenizer["eos_id"]
@@ -65,15 +67,17 @@ def test_every_document_is_accounted_for(clean_run):
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["invariant_ok"] and stats["violations"] == []
     stages = stats["stages"]
-    assert list(stages) == ["read", "crawl_filter", "quality", "dedup", "tokenize"]
+    assert list(stages) == ["read", "crawl_filter", "quality", "url_dedup", "dedup", "line_dedup", "tokenize"]
     for stage, sources in stages.items():
         for source, e in sources.items():
             assert e["in"] == e["kept"] + sum(e["dropped"].values()) + sum(e["errored"].values()), (stage, source)
     for source, e in stages["crawl_filter"].items():
         assert stages["read"][source]["kept"] == e["in"]
         assert stages["quality"].get(source, {"in": 0})["in"] == e["kept"]
-        assert stages["dedup"].get(source, {"in": 0})["in"] == stages["quality"].get(source, {"kept": 0})["kept"]
-        assert stages["tokenize"].get(source, {"in": 0})["in"] == stages["dedup"].get(source, {"kept": 0})["kept"]
+        assert stages["url_dedup"].get(source, {"in": 0})["in"] == stages["quality"].get(source, {"kept": 0})["kept"]
+        assert stages["dedup"].get(source, {"in": 0})["in"] == stages["url_dedup"].get(source, {"kept": 0})["kept"]
+        assert stages["line_dedup"].get(source, {"in": 0})["in"] == stages["dedup"].get(source, {"kept": 0})["kept"]
+        assert stages["tokenize"].get(source, {"in": 0})["in"] == stages["line_dedup"].get(source, {"kept": 0})["kept"]
     # The multilingual handbook sample (fr, de) is mostly dropped by language ID, with that reason.
     assert stages["crawl_filter"]["debian-handbook"]["dropped"].get("language_id", 0) > 0
     # WARC request records are counted, not silently skipped.
