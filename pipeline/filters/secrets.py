@@ -31,8 +31,10 @@ Two things are ours:
     sequence has a repeat of at least 24 of a character class inside that set, so every match of it
     contains such a run.
 
-Redaction replaces each reported value on its line; a private key is reported by its ``BEGIN ... PRIVATE
-KEY`` marker, so the whole block (to its ``END`` marker, or the key lines that follow) is replaced.
+Redaction replaces each reported secret on its line: the plugin's pattern match where the reported value is
+only its prefix group (GitHub reports "ghp" for a whole token), else the value. A private key is reported
+by its ``BEGIN ... PRIVATE KEY`` marker, so the whole block (to its ``END`` marker, or the key lines that
+follow) is replaced.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ _GATE_TABLE = bytes((0x61 if (b >= 0x80 or chr(b) in "0123456789abcdefghijklmnop
 _GATE_NEEDLE = b"a" * GATE_RUN
 _GATE_CHARS = frozenset(map(ord, "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-"))  # + \d  # the plugin set detect-secrets' process-wide settings now hold
 
-_PEM = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY( BLOCK)?-----.*?-----END \1PRIVATE KEY\2-----", re.DOTALL)
+_PEM = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY((?: BLOCK)?)-----.*?-----END \1PRIVATE KEY\2-----", re.DOTALL)
 _PEM_OPEN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*")
 _KEY_LINE = re.compile(r"""^[\s"'`#/*;\\n]*[A-Za-z0-9+/=]{16,}[\s"'`,;\\n]*$""")
 
@@ -163,6 +165,26 @@ class SecretScanner:
         assert "detect_secrets.filters.common.is_ignored_due_to_verification_policies" not in settings.filters
         _ACTIVE[0] = self.plugins
 
+    def spans(self, line: str, secret_type: str, value: str) -> list[tuple[int, int]]:
+        """Where on ``line`` the plugin of ``secret_type`` found ``value``: the whole pattern match when the
+        value is its prefix (GitHub's and GitLab's patterns report their prefix group, "ghp"), else the
+        group holding the value (a keyword pattern reports the token after ``key =``)."""
+        from detect_secrets.settings import get_plugins
+
+        self._activate()
+        out = []
+        for plugin in get_plugins():
+            if plugin.secret_type != secret_type:
+                continue
+            for rx in getattr(plugin, "denylist", ()):
+                for m in rx.finditer(line):
+                    if m.group(0) == value or m.group(0).startswith(value) and value in m.groups():
+                        out.append(m.span())
+                    elif value and value in m.groups():
+                        k = m.groups().index(value) + 1
+                        out.append(m.span(k))
+        return out
+
     def candidate_lines(self, text: str) -> list[int]:
         """1-based numbers of the lines a denylist pattern touches (all lines when a plugin is not regex-based)."""
         if self.every_line:
@@ -225,17 +247,33 @@ class SecretScanner:
         return sorted(set(found))
 
 
-def redact(text: str, secrets: list[tuple[int, str, str]], replacement: str) -> tuple[str, Counter[str]]:
-    """``text`` with the reported values replaced (private keys: the whole block); counts per type."""
+def redact(text: str, secrets: list[tuple[int, str, str]], replacement: str,
+           scanner: SecretScanner | None = None) -> tuple[str, Counter[str]]:
+    """``text`` with the reported secrets replaced (private keys: the whole block); counts per type."""
     lines = readlines(text)
     counts: Counter[str] = Counter()
     keys: set[int] = set()
+    spans: dict[int, list[tuple[int, int]]] = {}
     for number, secret_type, value in secrets:
         counts[slug(secret_type)] += 1
         if secret_type == "Private Key":
             keys.add(number)
-        elif value:
-            lines[number - 1] = lines[number - 1].replace(value, replacement)
+            continue
+        line = lines[number - 1]
+        found = scanner.spans(line, secret_type, value) if scanner is not None else []
+        if not found and value:
+            found = [(m.start(), m.end()) for m in re.finditer(re.escape(value), line)]
+        spans.setdefault(number, []).extend(found)
+    for number, found in spans.items():
+        line, merged = lines[number - 1], []
+        for start, end in sorted(found):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+            else:
+                merged.append((start, end))
+        for start, end in reversed(merged):
+            line = line[:start] + replacement + line[end:]
+        lines[number - 1] = line
     for number in sorted(keys, reverse=True):
         _redact_key(lines, number - 1, replacement)
     return "".join(lines), counts
@@ -274,6 +312,6 @@ class Secrets:
             return True, None
         if self.step.action == "drop":
             return False, f"{self.name}:{slug(secrets[0][1])}"
-        doc.text, counts = redact(doc.text, secrets, self.step.replacement)
+        doc.text, counts = redact(doc.text, secrets, self.step.replacement, self.scanner)
         doc.metadata["secrets_redacted"] = dict(sorted(counts.items()))
         return True, None
