@@ -119,6 +119,32 @@ def test_counts_are_matches_replaced_over_the_stdlib():
     assert totals["email"] >= 5 and totals["ip"] >= 2
 
 
+def test_real_handbook_pages_headings_kept_addresses_replaced():
+    """The Debian handbook numbers its sections with dotted quads ("8.3.1.1. Configuring"): not addresses.
+    Its example resolv.conf and zone files hold real public addresses: replaced."""
+    import re
+
+    from pipeline.extract import ExtractSettings, HtmlToText
+    from pipeline.realdata import FetchError, debian_package
+    from tests.conftest import real_data_unavailable
+
+    try:
+        html = debian_package("debian-handbook") / "root/usr/share/doc/debian-handbook/html/en-US"
+    except FetchError as exc:
+        real_data_unavailable(str(exc))
+    redactor = PIIRedactor(PIIConfig(ip_replacement=["<IP>"]))
+    headings = 0
+    for name in ("sect.hostname-name-service.html", "network-services.html"):
+        text = HtmlToText(ExtractSettings())((html / name).read_bytes(), None).text
+        out, counts = redactor.redact(text)
+        numbered = re.findall(r"(?m)^\d+\.\d+\.\d+\.\d+\.\s", text)
+        headings += len(numbered)
+        assert all(h in out for h in numbered)
+        assert counts["ip"] == out.count("<IP>") >= 3
+    assert headings >= 5
+    assert "nameserver <IP>" in out or "ip4:<IP>" in out
+
+
 def test_kinds_and_tallies():
     cfg = PIIConfig(kinds=["web", "code"], emails=True, ips=False)
     redactor = PIIRedactor(cfg)
