@@ -6,12 +6,12 @@ Python's docs, the Debian handbook in 10 locales, the Apache manual in 12; 13 WA
 
 1. WARC reading alone: warcio's ArchiveIterator, FastWARC's ArchiveIterator, and ours (gzip members +
    framing with exact accounting, FastWARC parsing each record): response pages/s and WARC MB/s.
-2. web crawl-filter end to end (WARC -> URL -> extraction -> language ID -> C4 -> FineWeb -> Gopher ->
+2. web crawl-filter end to end (WARC -> URL -> extraction -> language ID -> C4 -> FineWeb -> Gopher -> bad words ->
    written Parquet), pages/s and WARC MB/s:
    ours-resiliparse, ours-trafilatura: ``CrawlFilterStage.run_unit`` over the web units (defaults:
               per-page time limit on, so extraction runs in the sandbox child)
    datatrove: ``LocalPipelineExecutor(tasks=1, workers=1)`` with WarcReader, Trafilatura(favour_precision)
-              and URL, language, Gopher x2, C4, FineWeb filters with the same parameters, JsonlWriter
+              and URL, language, Gopher x2, C4, FineWeb, C4 bad-words filters with the same parameters, JsonlWriter
    plus our per-step breakdown (stats.json ``step_seconds``) and the extractor comparison: pages kept by
    each extractor, characters per kept page, agreement of the keep/drop decisions.
 3. crawl filters alone on the same Resiliparse-extracted documents (no extraction, no I/O): ours vs
@@ -54,8 +54,28 @@ def _datatrove_lid_cache(lid_path: Path) -> None:
     Path(f"{target}.completed").touch()
 
 
+def _datatrove_badwords_cache() -> None:
+    """Put our bad-words lists (npm's naughty-words, equal to datatrove's pinned LDNOOBW lists) where
+    datatrove's C4BadWordsFilter looks before downloading, under its own file names."""
+    from datatrove.io import cached_assets_path
+    from datatrove.pipeline.filters import c4_filters
+    from fsspec.core import strip_protocol
+
+    from pipeline.realdata import badwords_lists
+
+    lists = badwords_lists()
+    folder = Path(cached_assets_path(library_name="datatrove", namespace="filters", subfolder="c4_badwords"))
+    for lang in c4_filters._BADWORDS_LANGS:
+        url = c4_filters._EN_BADWORDS_URL if lang == "en" else c4_filters._BADWORDS_URL + lang
+        target = folder / strip_protocol(url).replace("/", "_")
+        if not target.exists():
+            shutil.copyfile(lists / f"{lang}.txt", target)
+        Path(f"{target}.completed").touch()
+
+
 def _datatrove_filters(cfg):
     from datatrove.pipeline.filters import (
+        C4BadWordsFilter,
         C4QualityFilter,
         FineWebQualityFilter,
         GopherQualityFilter,
@@ -70,7 +90,8 @@ def _datatrove_filters(cfg):
     url.tldextractor = TLDExtract(suffix_list_urls=(), cache_dir=None)
     return [url, LanguageFilter(languages=web.language.languages, language_threshold=web.language.threshold),
             GopherRepetitionFilter(**web.gopher_repetition.params), GopherQualityFilter(**web.gopher_quality.params),
-            C4QualityFilter(**web.c4.params), FineWebQualityFilter(**web.fineweb.params)]
+            C4QualityFilter(**web.c4.params), FineWebQualityFilter(**web.fineweb.params),
+            *([C4BadWordsFilter(**web.badwords.params)] if web.badwords.enabled else [])]  # C4: last
 
 
 def web_config(web_root: Path, extractor: str = "resiliparse"):
@@ -339,6 +360,7 @@ def main() -> int:
     cfg = load_config(ROOT / "configs/pipeline/demo.yaml")
     units = plan_units(cfg)
     _datatrove_lid_cache(lid_model_path())
+    _datatrove_badwords_cache()
     results = {"scale": args.scale, "python": sys.version.split()[0], "web_corpus": str(web.root)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -141,6 +141,77 @@ def debian_package(name: str) -> Path:
     return root
 
 
+# ---------------------------------------------------------------------------------------------- npm
+NPM_REGISTRY = "https://registry.npmjs.org"
+
+
+def npm_package(name: str, version: str, sha256: str) -> Path:
+    """Download one npm package's tarball (pinned by sha256) and unpack it; returns its ``package/`` dir.
+
+    A plain HTTPS GET of the registry's tarball, as ``npm pack`` does: no npm client is needed."""
+    import tarfile
+    import urllib.request
+
+    root = cache_root() / "npm" / f"{name}-{version}"
+    if (root / "package").is_dir():
+        return root / "package"
+    url = f"{NPM_REGISTRY}/{name}/-/{name}-{version}.tgz"
+    with _staging_dir(root) as tmp:
+        tarball = tmp / f"{name}-{version}.tgz"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tarball, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as exc:
+            raise FetchError(f"npm package {name}@{version}: {exc}") from exc
+        if sha256_of(tarball) != sha256:
+            raise FetchError(f"sha256 mismatch for npm package {name}@{version}")
+        with tarfile.open(tarball) as tf:
+            members = [m for m in tf.getmembers() if m.isfile() and m.name.startswith("package/")
+                       and ".." not in m.name.split("/")]
+            for member in members:  # regular files only: no links, nothing outside package/
+                target = tmp / member.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tf.extractfile(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        tarball.unlink()
+    return root / "package"
+
+
+# LDNOOBW word lists for datatrove's C4BadWordsFilter, from the npm package `naughty-words` (one JSON array
+# per language). datatrove pins its English list at LDNOOBW commit 25e679f and every other language at
+# 5faf2ba; naughty-words 1.0.2's en.json is exactly the former (377 words) and 1.2.0's 28 lists exactly the
+# latter (verified word set by word set against both commits), so the lists datatrove would download are
+# taken from the registry instead.
+BADWORDS_NPM = "naughty-words"
+BADWORDS_RELEASES = {  # version -> sha256 of the registry's tarball
+    "1.2.0": "c34b05e10a97ec7b9e0c3dd91d09888187c0f08d0812eaea79679795585b217e",
+    "1.0.2": "869a9d2716cca235482a754680c5bcec016c92e3b8486b07adca6a8fd0e05134",
+}
+BADWORDS_VERSION = {"en": "1.0.2"}   # per language; every other one: 1.2.0
+BADWORDS_DEFAULT_VERSION = "1.2.0"
+
+
+def badwords_lists() -> Path:
+    """A directory of ``<language>.txt`` word lists, one word a line, as datatrove reads them."""
+    import json
+
+    dest = cache_root() / "badwords" / f"{BADWORDS_NPM}-{BADWORDS_DEFAULT_VERSION}+en-{BADWORDS_VERSION['en']}"
+    if dest.is_dir():
+        return dest
+    packages = {v: npm_package(BADWORDS_NPM, v, sha) for v, sha in BADWORDS_RELEASES.items()}
+    with _staging_dir(dest) as tmp:
+        for path in sorted(packages[BADWORDS_DEFAULT_VERSION].glob("*.json")):
+            lang = path.stem
+            if lang in ("package", "package-lock", "bower"):
+                continue
+            source = packages[BADWORDS_VERSION.get(lang, BADWORDS_DEFAULT_VERSION)] / path.name
+            words = json.loads(source.read_text(encoding="utf-8"))
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise FetchError(f"{source}: not a JSON list of words")
+            (tmp / f"{lang}.txt").write_text("".join(f"{w}\n" for w in words), encoding="utf-8")
+    return dest
+
+
 # -------------------------------------------------------------------------------------------- books
 def _austen_books(dest: Path) -> list[Path]:
     try:

@@ -88,9 +88,13 @@ def test_web_text_filters_keep_prose_and_drop_an_index_page(lid_model, austen, p
 
     cfg = CrawlFilterConfig.model_validate({"web": {"language": {"model": str(lid_model)}}})
     steps = build_text_steps(cfg)
-    assert [s.name for s in steps] == ["language_id", "c4", "fineweb", "gopher_repetition", "gopher_quality"]
-    prose = web_doc(unwrapped(chapter(austen, 5)))
+    assert [s.name for s in steps] == ["language_id", "c4", "fineweb", "gopher_repetition", "gopher_quality",
+                                       "badwords"]
+    prose = web_doc(unwrapped(chapter(austen, 4)))
     assert run_text_steps(prose, steps, {}) == ("kept", None)
+    # chapter 5 holds one word of C4's English list (in its ordinary sense): C4's filter drops it
+    assert run_text_steps(web_doc(unwrapped(chapter(austen, 5))), steps, {}) == (
+        "dropped", "badwords:document_removed_with_badwords")
     index_html = (python_docs_html / "genindex-A.html").read_text()
     index = web_doc(extract_plain_text(index_html, main_content=True), "http://docs.example.org/genindex-A.html")
     outcome, reason = run_text_steps(index, steps, {})
@@ -109,11 +113,12 @@ def test_web_text_steps_read_the_text_fineweb_gives_them(lid_model, austen):
         return call
 
     steps = [TextStep(s.name, spy(s.name, s.run), s.reads_edited, s.edits) for s in build_text_steps(cfg)]
-    text = unwrapped(chapter(austen, 5)) + "\nshort\nPlease enable JavaScript to view this page."
+    text = unwrapped(chapter(austen, 4)) + "\nshort\nPlease enable JavaScript to view this page."
     doc = web_doc(text)
     assert run_text_steps(doc, steps, {})[0] == "kept"
     assert seen["language_id"] == seen["gopher_repetition"] == seen["gopher_quality"] == seen["c4"] == text
     assert seen["fineweb"] == doc.text != text and "JavaScript" not in doc.text and "\nshort" not in doc.text
+    assert seen["badwords"] == doc.text  # C4's output, as C4 runs its bad-words filter
 
 
 def test_shared_spacy_words_equal_datatrove_words_across_rebuilds(austen):

@@ -34,8 +34,9 @@ def extracted(web_corpus) -> list[Document]:
     return docs
 
 
-def datatrove_fineweb(cfg: CrawlFilterConfig, lid_model):
-    """datatrove's objects in FineWeb's order, with the configured params, called as datatrove calls them."""
+def datatrove_fineweb(cfg: CrawlFilterConfig, lid_model, badwords=None):
+    """datatrove's objects in FineWeb's order, with the configured params, called as datatrove calls them;
+    then C4's bad-words filter (``badwords``: datatrove's object with its lists), on C4's output as in C4."""
     from datatrove.pipeline.filters import (
         C4QualityFilter,
         FineWebQualityFilter,
@@ -51,7 +52,8 @@ def datatrove_fineweb(cfg: CrawlFilterConfig, lid_model):
     language.model._model = load_lid_model(str(lid_model))
     return [("language_id", language), ("gopher_repetition", GopherRepetitionFilter(**web.gopher_repetition.params)),
             ("gopher_quality", GopherQualityFilter(**web.gopher_quality.params)),
-            ("c4", C4QualityFilter(**web.c4.params)), ("fineweb", FineWebQualityFilter(**web.fineweb.params))]
+            ("c4", C4QualityFilter(**web.c4.params)), ("fineweb", FineWebQualityFilter(**web.fineweb.params)),
+            *([("badwords", badwords)] if badwords is not None else [])]
 
 
 def reference_verdict(doc: Document, filters) -> str | None:
@@ -62,9 +64,13 @@ def reference_verdict(doc: Document, filters) -> str | None:
     return None
 
 
-def test_decisions_and_texts_equal_datatrove_in_fineweb_order(extracted, lid_model):
+def test_decisions_and_texts_equal_datatrove_in_fineweb_order(extracted, lid_model, tmp_path, monkeypatch):
+    from pipeline.realdata import badwords_lists
+    from tests.test_filters_badwords import datatrove_reference
+
     cfg = CrawlFilterConfig.model_validate({"web": {"language": {"model": str(lid_model)}}})
-    reference = datatrove_fineweb(cfg, lid_model)
+    badwords = datatrove_reference(badwords_lists(), tmp_path, monkeypatch, **cfg.web.badwords.params)
+    reference = datatrove_fineweb(cfg, lid_model, badwords)
     ours = build_text_steps(cfg)
     theirs_docs, our_docs = copy.deepcopy(extracted), copy.deepcopy(extracted)
     mismatches, kept, reasons = [], 0, set()

@@ -3,18 +3,23 @@ run as they are, with their work shared and ordered by cost.
 
 Order actually run (a drop's reason is the first failing step of this order):
 
-    url → extraction → language_id → c4 → fineweb → gopher_repetition → gopher_quality
+    url → extraction → language_id → c4 → fineweb → gopher_repetition → gopher_quality → badwords
 
-FineWeb's order is url → extraction → language_id → gopher_repetition → gopher_quality → c4 → fineweb.
+FineWeb's order is url → extraction → language_id → gopher_repetition → gopher_quality → c4 → fineweb
+(FineWeb has no bad-words step; C4 runs it last, on its cleaned text, and so does this chain).
 Every step is a pure test of the text it reads, and only C4 edits (it removes lines), so any order gives
 the same keep/drop decision provided each step reads the same text as in FineWeb: language ID, both Gopher
-filters and C4 read the extracted text, FineWeb reads C4's output. The chain keeps both texts and hands
-each step its own; the document leaves with C4's text, as in FineWeb.
+filters and C4 read the extracted text, FineWeb and bad words read C4's output (the text that is kept).
+The chain keeps both texts and hands each step its own; the document leaves with C4's text, as in FineWeb.
 
 The cost moves:
 
 * URL before extraction: pages it drops are never decoded or extracted.
 * Language ID (fastText, ~1–3 ms) first among text filters: on a multilingual crawl it drops most pages.
+* Bad words (``pipeline.filters.badwords``: datatrove's ``C4BadWordsFilter`` behind an exact pre-check)
+  last: ~0.5–0.8 ms a page and it drops few (none of the 102 English pages reaching it in
+  ``bench/filters_cost.py``'s sample, 18 of 663 over all languages), so it costs least where fewest pages
+  are left.
 * C4 and FineWeb are run as datatrove's objects, first with a *lower-bound tokenizer* handed in through
   their ``language`` argument (datatrove accepts a ``WordTokenizer`` there): one sentence per line for C4,
   whitespace-separated chunks for FineWeb's word count. spaCy gives at least one sentence per non-empty
@@ -53,8 +58,8 @@ from pipeline.extract import ExtractSettings, PageExtractor
 from pipeline.filters.base import Verdict, datatrove_verdict
 from pipeline.ledger import Ledger
 
-TEXT_ORDER = ("language", "c4", "fineweb", "gopher_repetition", "gopher_quality")
-FINEWEB_ORDER = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb")
+TEXT_ORDER = ("language", "c4", "fineweb", "gopher_repetition", "gopher_quality", "badwords")
+FINEWEB_ORDER = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "badwords")
 
 
 class LowerBoundTokenizer(WordTokenizer):
@@ -184,6 +189,7 @@ def build_text_steps(cfg: CrawlFilterConfig, order: tuple[str, ...] = TEXT_ORDER
                      bounded: bool = True) -> list[TextStep]:
     """The web text filters in ``order``; ``bounded=False`` builds datatrove's objects as configured, with
     datatrove's own tokenizer and no lower bounds (the plain reference)."""
+    from pipeline.filters.badwords import BadWords
     from pipeline.filters.base import DatatroveFilter
     from pipeline.filters.language import LanguageID
     from pipeline.filters.registry import datatrove_impl
@@ -197,6 +203,9 @@ def build_text_steps(cfg: CrawlFilterConfig, order: tuple[str, ...] = TEXT_ORDER
             continue
         if name == "language":
             steps.append(TextStep("language_id", LanguageID(spec)))
+            continue
+        if name == "badwords":  # on C4's output, as C4 runs it; bounded=False: datatrove's regex alone
+            steps.append(TextStep(name, BadWords(spec.params, precheck=bounded), reads_edited=True))
             continue
         params = dict(spec.params)
         if bounded:
@@ -229,6 +238,7 @@ class WebCrawlFilter:
                             max_replacement_fraction=extraction.max_replacement_fraction),
             extraction.timeout_s)
         self.steps = build_text_steps(cfg)
+        self.badwords = next((step.run for step in self.steps if step.name == "badwords"), None)
 
     def run(self, pages: Iterator[Document], ledger: Ledger, seconds: dict[str, float],
             audit: UnitAudit | None = None) -> Iterator[Document]:
@@ -259,6 +269,9 @@ class WebCrawlFilter:
                 batch = []
         if batch:
             yield from self._extract_and_filter(batch, ledger, seconds, audit)
+        if self.badwords is not None:  # pages kept because their language has no list, per language
+            for (source, lang), n in sorted(self.badwords.take_counts().items()):
+                ledger.tally(self.stage, source, "badwords_no_list", lang, n)
 
     def _extract_and_filter(self, pages: list[Document], ledger: Ledger,
                             seconds: dict[str, float], audit: UnitAudit) -> Iterator[Document]:
