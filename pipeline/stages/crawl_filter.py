@@ -58,6 +58,26 @@ def apply_filters(docs: Iterator[Document], filters: list, ledger: Ledger, clock
                           error=error)
 
 
+def redact_pii(docs: Iterator[Document], redactor, ledger: Ledger, seconds: dict[str, float]) -> Iterator[Document]:
+    """PII replaced in every kept document of the kinds configured, counts per source and kind of PII in the
+    ledger's tallies (``pii_replaced``, ``pii_documents``); the kept bytes follow the redacted text."""
+    from pipeline.filters.pii import pii_tallies
+
+    for doc in docs:
+        source, kind = doc.metadata["source"], doc.metadata["source_kind"]
+        if redactor.applies_to(kind):
+            started = time.perf_counter()
+            before = len(doc.text.encode("utf-8", "surrogatepass"))
+            doc.text, counts = redactor.redact(doc.text)
+            delta = len(doc.text.encode("utf-8", "surrogatepass")) - before
+            if delta:
+                ledger.kept(STAGE, source, kind, 0, delta)
+            for group, key, value in pii_tallies(counts):
+                ledger.tally(STAGE, source, group, key, value)
+            seconds["pii"] = seconds.get("pii", 0.0) + time.perf_counter() - started
+        yield doc
+
+
 def unwritable(ledger: Ledger) -> Callable[[Document, Exception], None]:
     """What to do with a kept document the writer cannot write: errored and quarantined instead of kept."""
 
@@ -98,6 +118,11 @@ class CrawlFilterStage(MapStage):
         return worker_cached((STAGE, self.fingerprint, "filters", kind),
                              lambda: build_filters(kind, self.config.crawl_filter))
 
+    def _redactor(self):
+        from pipeline.filters.pii import PIIRedactor
+
+        return worker_cached((STAGE, self.fingerprint, "pii"), lambda: PIIRedactor(self.config.crawl_filter.pii))
+
     def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:
         reader, filters = self._reader(unit), self._filters(unit.kind)
         ledger = Ledger()
@@ -126,6 +151,9 @@ class CrawlFilterStage(MapStage):
             kept = filters.run(documents(), ledger, steps, audit)
         else:
             kept = apply_filters(documents(), filters, ledger, clock, audit)
+        redactor = self._redactor()
+        if redactor.applies_to(unit.kind):
+            kept = redact_pii(kept, redactor, ledger, steps)
         count, nbytes = write_documents(self.output_path(run_dir, unit), kept, reject=unwritable(ledger))
         self.write_quarantine(run_dir, unit, ledger)
         audit.sampler.write(self.dropped_path(run_dir, unit))
