@@ -61,6 +61,7 @@ def run_summary(run_dir: Path, stats: dict[str, Any], manifest: Manifest, second
         mean = f", mean score {q['mean_score']:.3f}" if q.get("mean_score") is not None else ""
         kept = f", kept {q['kept_fraction']:.1%}" if q.get("kept_fraction") is not None else ""
         lines.append(f"quality: {source}: {rule}{threshold}{mean}{kept}")
+    lines += cleaning_lines(stats)
     lines += domain_lines(stats)
     lines.append(f"accounting: {'OK (in = kept + dropped + errored at every stage)' if stats['invariant_ok'] else 'VIOLATED'}")
     lines.append(f"tokenizer: {tok['path']} (vocab {tok['vocab_size']:,}, eos {tok['eos_token']!r}={tok['eos_id']}, "
@@ -81,4 +82,35 @@ def domain_lines(stats: dict[str, Any], n: int = 5) -> list[str]:
         dropped = ", ".join(f"{d} {x:,}" for d, _, x, _ in entry["top_dropped"][:n]) or "none"
         lines.append(f"domains: {source}: {entry['distinct_domains']:,} distinct; most kept: {kept}; "
                      f"most dropped: {dropped}")
+    return lines
+
+
+def cleaning_lines(stats: dict[str, Any]) -> list[str]:
+    """One line per cleaning step that ran: what it found, summed over sources."""
+    lines = []
+    stages = stats.get("stages", {})
+    pii: dict[str, int] = {}
+    for entry in stages.get("crawl_filter", {}).values():
+        for kind, n in entry.get("pii_replaced", {}).items():
+            pii[kind] = pii.get(kind, 0) + n
+    if pii:
+        lines.append("pii: replaced " + ", ".join(f"{n:,} {kind}" for kind, n in sorted(pii.items())))
+    url = stats.get("url_dedup")
+    if url:
+        lines.append(f"url_dedup: {url['urls']:,} URLs, {url['duplicate_groups']:,} re-crawled, {url['removed']:,} "
+                     f"removed (keep {url['params']['keep']}; {url['removed_index']:,} against "
+                     f"{url['index_runs']} index run(s)), {url['without_url']:,} without URL")
+    line = stats.get("line_dedup")
+    if line:
+        edited = sum(e.get("line_dedup", {}).get("documents_edited", 0) for e in stages.get("line_dedup", {}).values())
+        removed = sum(e.get("line_dedup", {}).get("lines_removed", 0) for e in stages.get("line_dedup", {}).values())
+        nbytes = sum(e.get("line_dedup", {}).get("bytes_removed", 0) for e in stages.get("line_dedup", {}).values())
+        lines.append(f"line_dedup: {line['frequent_lines']:,} of {line['distinct_lines']:,} distinct lines in >= "
+                     f"{line['params']['min_documents']} documents; {removed:,} lines ({nbytes / 1e6:.2f} MB) "
+                     f"removed from {edited:,} documents")
+    decont = stats.get("decontamination")
+    if decont:
+        parts = [f"{name} {b['documents_matched']:,} documents, {b['items_hit']}/{b['items']} items"
+                 for name, b in decont["benchmarks"].items()]
+        lines.append(f"decontamination ({decont['ngram']}-grams, {decont['mode']}): " + "; ".join(parts))
     return lines
