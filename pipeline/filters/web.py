@@ -94,7 +94,7 @@ class SpacyWords(WordTokenizer):
         if self._nlp is None or len(self._nlp.vocab) > self.max_lexemes:
             import spacy
 
-            self._nlp = spacy.blank(self.language)
+            self._nlp = spacy.blank(self.reference.language)   # "de" for the table key "deu_Latn"
             self.rebuilds += 1
         return self._nlp
 
@@ -183,13 +183,19 @@ def build_text_steps(cfg: CrawlFilterConfig, order: tuple[str, ...] = TEXT_ORDER
                      bounded: bool = True) -> list[TextStep]:
     """The web text filters in ``order``; ``bounded=False`` builds datatrove's objects as configured, with
     datatrove's own tokenizer and no lower bounds (the plain reference)."""
-    from pipeline.filters.base import DatatroveFilter
     from pipeline.filters.language import LanguageID
-    from pipeline.filters.registry import datatrove_impl
 
     web = cfg.web
     steps: list[TextStep] = []
     words: dict[str, Any] = {}
+    splitters = None
+    if web.word_splitter == "detected":
+        from pipeline.filters.splitters import LanguageSplitters
+
+        def build(key: str, language_words: dict, step: str) -> Callable[[Document], Verdict]:
+            return word_step(step, getattr(web, step).params, key, bounded, language_words)
+
+        splitters = LanguageSplitters(build)
     for name in order:
         spec = getattr(web, name)
         if not spec.enabled:
@@ -197,18 +203,32 @@ def build_text_steps(cfg: CrawlFilterConfig, order: tuple[str, ...] = TEXT_ORDER
         if name == "language":
             steps.append(TextStep("language_id", LanguageID(spec)))
             continue
-        params = dict(spec.params)
-        if bounded:
-            params["language"] = shared_words(params.get("language", "en"), words)
-        exact = datatrove_impl("web", name, params)
-        if bounded and name in ("c4", "fineweb"):
-            fast = datatrove_impl("web", name, {**spec.params, "language": LowerBoundTokenizer("en")})
-            reason = "too_few_sentences" if name == "c4" else "list_ratio"
-            run: Callable[[Document], Verdict] = BoundedThenExact(name, fast, exact, frozenset({reason}))
-        else:
-            run = DatatroveFilter(name, exact)
+        language = spec.params.get("language", "en")
+        run = word_step(name, spec.params, language, bounded, words)
+        if splitters is not None and name in WORD_STEPS:
+            run = splitters.step(name, run, language)   # the page's detected language's splitter
         steps.append(TextStep(name, run, reads_edited=name == "fineweb", edits=name == "c4"))
     return steps
+
+
+WORD_STEPS = frozenset({"c4", "fineweb", "gopher_repetition", "gopher_quality"})   # split with `language`
+
+
+def word_step(name: str, params: dict[str, Any], language: str, bounded: bool,
+              words: dict[str, Any]) -> Callable[[Document], Verdict]:
+    """datatrove's filter ``name`` with ``params``, splitting words for ``language`` (a language or a key of
+    datatrove's tokenizer table). Bounded: ``SpacyWords`` where datatrove uses plain spaCy, and for C4 and
+    FineWeb the lower-bound first, which is a bound of spaCy's counts only (other splitters run exact)."""
+    from pipeline.filters.base import DatatroveFilter
+    from pipeline.filters.registry import datatrove_impl
+
+    params = {**params, "language": shared_words(language, words) if bounded else language}
+    exact = datatrove_impl("web", name, params)
+    if bounded and name in ("c4", "fineweb") and isinstance(params["language"], SpacyWords):
+        fast = datatrove_impl("web", name, {**params, "language": LowerBoundTokenizer("en")})
+        reason = "too_few_sentences" if name == "c4" else "list_ratio"
+        return BoundedThenExact(name, fast, exact, frozenset({reason}))
+    return DatatroveFilter(name, exact)
 
 
 class WebCrawlFilter:
@@ -277,6 +297,7 @@ class WebCrawlFilter:
             doc = Document(text=result.text, id=page.id, metadata={**page.metadata, "charset": result.charset,
                                                                     "charset_method": result.charset_method})
             outcome, reason = run_text_steps(doc, self.steps, seconds)
+            self._tally_splitter(ledger, source, doc)
             if outcome == "kept":
                 ledger.kept(self.stage, source, kind, 1, len(doc.text.encode("utf-8", "surrogatepass")))
                 yield doc
@@ -284,6 +305,15 @@ class WebCrawlFilter:
                 ledger.dropped(self.stage, source, kind, reason, 1, nbytes)
             else:
                 self._poison(ledger, doc, reason, nbytes)
+
+    def _tally_splitter(self, ledger: Ledger, source: str, doc: Document) -> None:
+        """The word splitter a page's language got (``word_splitter: detected``), off the document."""
+        from pipeline.filters.splitters import FALLBACK_KEY, USED_KEY
+
+        for key in (USED_KEY, FALLBACK_KEY):
+            value = doc.metadata.pop(key, None)
+            if value is not None:
+                ledger.tally(self.stage, source, key, value)
 
     def _poison(self, ledger: Ledger, doc: Document, reason: str, nbytes: int) -> None:
         meta = doc.metadata
