@@ -147,6 +147,13 @@ def test_character_tokens_only_for_unspaced_scripts(handbook, catalogs):
     assert normalize_words(korean, "characters") == normalize_words(korean, "words")   # Hangul is spaced
     thai = catalogs["th"]
     assert all(len(w) == 1 for w in normalize_words(thai) if re.search("[\u0e00-\u0e7f]", w))
+    # the quick path (no character of those scripts: plain \w+) splits as the full regex would
+    from pipeline.dedup.minhash import _DIGIT, _WORD_OR_CHARACTER
+
+    for text in [t for loc in handbook.values() for _, t in loc] + [korean, thai, "𠀀𠀁 x\u0301 日本"]:
+        plain = unicodedata.normalize("NFKD", text.lower())
+        plain = _DIGIT.sub("0", "".join(ch for ch in plain if not unicodedata.combining(ch)))
+        assert normalize_words(text) == _WORD_OR_CHARACTER.findall(plain)
     # the regex that strips combining marks equals the per-character loop, astral marks included
     samples = [unicodedata.normalize("NFKD", t.lower()) for loc in handbook.values() for _, t in loc[:10]]
     samples += [unicodedata.normalize("NFKD", thai), "a\u0301\U0001d165\U0001e944x\u0300\U00020000"]

@@ -42,6 +42,21 @@ CHARACTER_SCRIPTS = {
     "Myanmar": "\u1000-\u1049\u1050-\u109f\ua9e0-\ua9fe\uaa60-\uaa7f",
 }
 _CHARACTER_CLASS = "".join(CHARACTER_SCRIPTS.values())
+
+
+def _bmp_part(ranges: str) -> str:
+    """The BMP ranges of a class body made of ``a-b`` ranges and single characters."""
+    out, i = [], 0
+    while i < len(ranges):
+        lo, hi, i = (ranges[i], ranges[i + 2], i + 3) if ranges[i + 1:i + 2] == "-" else (ranges[i], ranges[i], i + 1)
+        if ord(lo) <= 0xFFFF:
+            out.append(lo if lo == hi else f"{lo}-{chr(min(ord(hi), 0xFFFF))}")
+    return "".join(out)
+
+
+# Does a text without astral characters hold any of those scripts? (~45 µs on a 9 K character page; the
+# full class, astral ranges included, is checked range by range and costs twice that.)
+_HAS_CHARACTER_BMP = re.compile(f"[{_bmp_part(_CHARACTER_CLASS)}]")
 # a run of the other word characters, or one character of those scripts (runs first: the common case)
 _WORD_OR_CHARACTER = re.compile(f"[^\\W{_CHARACTER_CLASS}]+|[{_CHARACTER_CLASS}]", re.UNICODE)
 CJK_SHINGLES = ("characters", "words")
@@ -86,9 +101,16 @@ def normalize_words(text: str, cjk_shingles: str = "characters") -> list[str]:
     text = unicodedata.normalize("NFKD", text.lower())
     if text.isascii():
         return _WORD.findall(_DIGIT.sub("0", text))
-    text = strip_combining(text)
-    words = _WORD_OR_CHARACTER if cjk_shingles == "characters" else _WORD
-    return words.findall(_DIGIT.sub("0", text))
+    text = _COMBINING_BMP.sub("", text)
+    astral = _ASTRAL.search(text) is not None
+    if astral:
+        text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = _DIGIT.sub("0", text)
+    # Without a character of those scripts both regexes split alike; the quick test keeps that case (every
+    # spaced script, accents and curly quotes included) at the cost of \w+.
+    if cjk_shingles == "characters" and (astral or _HAS_CHARACTER_BMP.search(text)):
+        return _WORD_OR_CHARACTER.findall(text)
+    return _WORD.findall(text)
 
 
 def fmix64(h: np.ndarray) -> np.ndarray:
