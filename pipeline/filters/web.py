@@ -34,7 +34,8 @@ The cost moves:
   memory stays bounded.
 
 The decisions equal datatrove's filter objects run unmodified in FineWeb's order (tested on the whole
-benchmark corpus: ``tests/test_web_filters.py``).
+benchmark corpus: ``tests/test_web_filters.py``). With ``word_splitter: detected`` the word steps split
+each page for its detected language (``pipeline.filters.splitters``; ``tests/test_multilingual.py``).
 """
 
 from __future__ import annotations
