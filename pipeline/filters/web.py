@@ -39,7 +39,8 @@ The cost moves:
   memory stays bounded.
 
 The decisions equal datatrove's filter objects run unmodified in FineWeb's order (tested on the whole
-benchmark corpus: ``tests/test_web_filters.py``).
+benchmark corpus: ``tests/test_web_filters.py``). With ``word_splitter: detected`` the word steps split
+each page for its detected language (``pipeline.filters.splitters``; ``tests/test_multilingual.py``).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class SpacyWords(WordTokenizer):
         if self._nlp is None or len(self._nlp.vocab) > self.max_lexemes:
             import spacy
 
-            self._nlp = spacy.blank(self.language)
+            self._nlp = spacy.blank(self.reference.language)   # "de" for the table key "deu_Latn"
             self.rebuilds += 1
         return self._nlp
 
@@ -190,13 +191,19 @@ def build_text_steps(cfg: CrawlFilterConfig, order: tuple[str, ...] = TEXT_ORDER
     """The web text filters in ``order``; ``bounded=False`` builds datatrove's objects as configured, with
     datatrove's own tokenizer and no lower bounds (the plain reference)."""
     from pipeline.filters.badwords import BadWords
-    from pipeline.filters.base import DatatroveFilter
     from pipeline.filters.language import LanguageID
-    from pipeline.filters.registry import datatrove_impl
 
     web = cfg.web
     steps: list[TextStep] = []
     words: dict[str, Any] = {}
+    splitters = None
+    if web.word_splitter == "detected":
+        from pipeline.filters.splitters import LanguageSplitters
+
+        def build(key: str, language_words: dict, step: str) -> Callable[[Document], Verdict]:
+            return word_step(step, getattr(web, step).params, key, bounded, language_words)
+
+        splitters = LanguageSplitters(build)
     for name in order:
         spec = getattr(web, name)
         if not spec.enabled:
@@ -207,18 +214,32 @@ def build_text_steps(cfg: CrawlFilterConfig, order: tuple[str, ...] = TEXT_ORDER
         if name == "badwords":  # on C4's output, as C4 runs it; bounded=False: datatrove's regex alone
             steps.append(TextStep(name, BadWords(spec.params, precheck=bounded), reads_edited=True))
             continue
-        params = dict(spec.params)
-        if bounded:
-            params["language"] = shared_words(params.get("language", "en"), words)
-        exact = datatrove_impl("web", name, params)
-        if bounded and name in ("c4", "fineweb"):
-            fast = datatrove_impl("web", name, {**spec.params, "language": LowerBoundTokenizer("en")})
-            reason = "too_few_sentences" if name == "c4" else "list_ratio"
-            run: Callable[[Document], Verdict] = BoundedThenExact(name, fast, exact, frozenset({reason}))
-        else:
-            run = DatatroveFilter(name, exact)
+        language = spec.params.get("language", "en")
+        run = word_step(name, spec.params, language, bounded, words)
+        if splitters is not None and name in WORD_STEPS:
+            run = splitters.step(name, run, language)   # the page's detected language's splitter
         steps.append(TextStep(name, run, reads_edited=name == "fineweb", edits=name == "c4"))
     return steps
+
+
+WORD_STEPS = frozenset({"c4", "fineweb", "gopher_repetition", "gopher_quality"})   # split with `language`
+
+
+def word_step(name: str, params: dict[str, Any], language: str, bounded: bool,
+              words: dict[str, Any]) -> Callable[[Document], Verdict]:
+    """datatrove's filter ``name`` with ``params``, splitting words for ``language`` (a language or a key of
+    datatrove's tokenizer table). Bounded: ``SpacyWords`` where datatrove uses plain spaCy, and for C4 and
+    FineWeb the lower-bound first, which is a bound of spaCy's counts only (other splitters run exact)."""
+    from pipeline.filters.base import DatatroveFilter
+    from pipeline.filters.registry import datatrove_impl
+
+    params = {**params, "language": shared_words(language, words) if bounded else language}
+    exact = datatrove_impl("web", name, params)
+    if bounded and name in ("c4", "fineweb") and isinstance(params["language"], SpacyWords):
+        fast = datatrove_impl("web", name, {**params, "language": LowerBoundTokenizer("en")})
+        reason = "too_few_sentences" if name == "c4" else "list_ratio"
+        return BoundedThenExact(name, fast, exact, frozenset({reason}))
+    return DatatroveFilter(name, exact)
 
 
 class WebCrawlFilter:
@@ -296,6 +317,7 @@ class WebCrawlFilter:
                                                                     "charset_method": result.charset_method})
             extracted = doc.text
             outcome, reason = run_text_steps(doc, self.steps, seconds)
+            self._tally_splitter(ledger, source, doc)
             if outcome == "kept":
                 ledger.kept(self.stage, source, kind, 1, len(doc.text.encode("utf-8", "surrogatepass")))
                 audit.kept(source, doc.metadata)
@@ -305,6 +327,15 @@ class WebCrawlFilter:
                 audit.dropped(reason, doc.id, source, extracted, audit_metadata(doc.metadata))
             else:
                 self._poison(ledger, doc, reason, nbytes, audit)
+
+    def _tally_splitter(self, ledger: Ledger, source: str, doc: Document) -> None:
+        """The word splitter a page's language got (``word_splitter: detected``), off the document."""
+        from pipeline.filters.splitters import FALLBACK_KEY, USED_KEY
+
+        for key in (USED_KEY, FALLBACK_KEY):
+            value = doc.metadata.pop(key, None)
+            if value is not None:
+                ledger.tally(self.stage, source, key, value)
 
     def _poison(self, ledger: Ledger, doc: Document, reason: str, nbytes: int, audit: UnitAudit) -> None:
         meta = doc.metadata

@@ -67,7 +67,7 @@ def dedup_params(cfg: DedupConfig) -> dict[str, Any]:
     bands, rows = (cfg.bands, cfg.rows) if cfg.bands else lsh_params(cfg.threshold, cfg.num_perm)
     return {"num_perm": cfg.num_perm, "seed": cfg.seed, "ngram": cfg.ngram, "bands": bands, "rows": rows,
             "scope": cfg.scope, "exact": cfg.exact, "minhash": cfg.minhash, "partitions": cfg.partitions,
-            "score_key": cfg.score_key}
+            "score_key": cfg.score_key, "cjk_shingles": cfg.cjk_shingles}
 
 
 def removal_parts(cfg: DedupConfig, unit_count: int) -> int:
@@ -96,7 +96,7 @@ class DedupSignatureStage(MapStage):
 
     def run_unit(self, unit: Unit, run_dir: Path) -> dict[str, Any]:
         p = self.params
-        hasher = MinHasher(p["num_perm"], p["seed"], p["ngram"])
+        hasher = MinHasher(p["num_perm"], p["seed"], p["ngram"], p["cjk_shingles"])
         ids: list[str] = []
         scope_of_doc: list[int] = []       # the dedup scope's hash per document: its kind, or one for all
         scores, exact, sigs, has_sig = [], [], [], []
@@ -376,7 +376,10 @@ def check_index(index_sig: Path, cfg: DedupConfig) -> None:
     if not params_file.exists():
         raise ValueError(f"dedup.index: {index_sig.parent.parent} has no dedup signatures (run it with dedup on)")
     theirs, ours = read_json(params_file), dedup_params(cfg)
-    for key in ("num_perm", "seed", "ngram", "bands", "rows", "scope", "exact", "minhash", "partitions"):
+    # an index from before cjk_shingles existed split CJK text into whole runs ("words")
+    theirs.setdefault("cjk_shingles", "words")
+    for key in ("num_perm", "seed", "ngram", "bands", "rows", "scope", "exact", "minhash", "partitions",
+                "cjk_shingles"):
         if theirs.get(key) != ours[key]:
             raise ValueError(f"dedup.index: {index_sig.parent.parent} was built with {key}={theirs.get(key)!r}, "
                              f"this run uses {ours[key]!r}")
