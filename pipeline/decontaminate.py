@@ -1,15 +1,19 @@
 """n-gram decontamination against evaluation sets: the index, the matching, the decision (pure logic).
 
-**Words.** A text's words are datatrove's normalised words (``datatrove.utils.text.simplify_text``, which its
-``NGramsDecontFilter`` uses), computed per token so that every word keeps its character offsets in the
-original text: a token is a maximal run of characters that are neither whitespace nor in the punctuation
-``simplify_text`` removes (``datatrove.utils.text.PUNCTUATION``: ASCII, CJK and typographic punctuation,
-C0/C1 controls; not its wider ``TERMINAL_PUNCTUATION``), except that a decimal
-number (``3.14``, ``1,5``) is one token; each token is lower-cased, every number in it becomes ``0``
-(datatrove's ``norm_numbers``) and combining marks are removed after NFD (``norm_unicode_diacritics``);
-tokens left empty are no words. Where datatrove then splits with spaCy, we split on the tokens above:
-the same words except for the few symbols outside datatrove's punctuation set that spaCy splits off
-(``°``, ``×``, emoji...), which stay inside our words (bench/decontamination.py measures the agreement).
+**Words.** A text's words are datatrove's normalised words (``datatrove.utils.text.simplify_text``, which
+its ``NGramsDecontFilter`` uses), in its order: lower case, every number ``0`` (``norm_numbers``; a decimal
+such as ``3.14`` is one number), the punctuation it removes (``datatrove.utils.text.PUNCTUATION``: ASCII,
+CJK and typographic punctuation, C0/C1 controls; not its wider ``TERMINAL_PUNCTUATION``) turned into spaces,
+NFD with combining marks removed, split on whitespace. ``normalize`` runs these steps as Arrow kernels over
+a whole batch of texts (RE2, utf8proc): the words equal ``simplify_text(text).split()`` on every one of the
+bench's 1,028 real documents (web pages in seven languages, books, code) except for Greek, where Arrow's
+lower case has no final sigma (``ς`` -> ``σ``). For offsets, a text with a hit is tokenised again with
+Python's ``re`` (``TOKEN_RE``: runs of neither whitespace nor that punctuation, decimal numbers whole) and
+each token normalised by the same kernels: the same words, now with their character spans. Where datatrove
+splits with spaCy's English tokenizer we do not: spaCy also splits its exceptions (``cannot`` -> ``can
+not``, ``id`` -> ``i d``, ``wont``), a leading ``‘`` and unit suffixes (``0m``), so about half of real
+documents get a few words that differ (bench/decontamination.py counts them); within one system the same
+text always gives the same words, which is what matching needs.
 
 **Code** gets the same treatment: operators, brackets, quotes, ``_`` and indentation are punctuation or
 whitespace, so a code n-gram is 13 consecutive identifier pieces, keywords, number placeholders and words of
@@ -17,10 +21,10 @@ strings and comments (``has_close_elements(numbers, 0.5)`` -> ``has close elemen
 Reformatting, re-indenting, changed quotes or literals do not hide a copied solution; renamed identifiers
 do.
 
-**Hashes.** Each word is hashed with xxh3-64 (deterministic across processes and machines, unlike
-``hash()``); an n-gram's hash is the polynomial ``sum(w_i * P^(n-1-i)) mod 2^64`` of its words' hashes,
-finished with splitmix64's mixer, computed for all positions of a document at once with numpy (n vector
-operations). Not datatrove's hash (xxhash64 of the joined words), so the two indexes are not
+**Hashes.** Each distinct word is hashed with xxh3-64 (deterministic across processes and machines, unlike
+``hash()``; cached per process); an n-gram's hash is the polynomial ``sum(w_i * P^(n-1-i)) mod 2^64`` of its
+words' hashes, finished with splitmix64's mixer, computed for all positions of a document at once with numpy
+(n vector operations). Not datatrove's hash (xxhash64 of the joined words), so the two indexes are not
 interchangeable.
 
 **The index** (``EvalIndex.build``): per benchmark, the n-grams of every item, where an item's text is its
@@ -38,11 +42,12 @@ item) pairs; a union of all benchmarks' hashes is what clean documents are looke
 2^k flags on the hashes' top bits (a gather; ``searchsorted`` only for the few flagged). A few MB for
 thousands of items.
 
-**Matching** (``EvalIndex.match``): the document's n-gram hashes are searched (``np.searchsorted``) in the
-union; only a document with a hit gets its token offsets and per-benchmark details: n-grams matched
-(positions), items hit, and the matched character spans: from the first word of a run of matched n-grams
-to the last word of its last one, where n-grams less than n words apart are one run (what lies between,
-an inserted word or numbers the index leaves out, is part of the same passage).
+**Matching** (``EvalIndex.match_batch``, ``match`` for one text): the n-grams of a whole batch of texts are
+computed at once (no n-gram across two texts) and looked up in the union; only a text with a hit is looked
+at alone, with token offsets, per benchmark: n-grams matched (positions), items hit, and the matched
+character spans: from the first word of a run of matched n-grams to the last word of its last one, where
+n-grams less than n words apart are one run (what lies between, an inserted word or numbers the index leaves
+out, is part of the same passage).
 
 **Decisions** (``decide``): ``drop``: any match drops the document as ``contaminated:<benchmark>``, the
 benchmark with most matched n-grams (ties: the first name). ``remove_spans``: every matched span, widened
@@ -57,12 +62,13 @@ import bisect
 import gzip
 import json
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import DecontaminationConfig
 
@@ -81,34 +87,45 @@ def _punctuation() -> list[str]:
 
 
 _PUNCT = _punctuation()
-_PUNCT_TABLE = str.maketrans(dict.fromkeys(_PUNCT, " "))
 _SEPS = re.escape(_DECIMAL_SEPARATORS)
-# One token: a decimal number whole (its separator is punctuation), otherwise neither whitespace nor punctuation.
+# Tokens with offsets (Python's re): a decimal number whole, else neither whitespace nor punctuation.
 TOKEN_RE = re.compile(rf"(?:\d+[{_SEPS}]\d+|[^\s{''.join(map(re.escape, _PUNCT))}])+")
-_NUMBER_RE = re.compile(rf"\d+(?:[{_SEPS}]\d+)?")
+# The same normalisation for Arrow's RE2, on whole texts
+_RE2_PUNCT = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in _PUNCT) + "]"
+_RE2_NUMBER = r"\p{Nd}+(?:[" + "".join(f"\\x{{{ord(c):x}}}" for c in _DECIMAL_SEPARATORS) + r"]\p{Nd}+)?"
 _SPACE_RE = re.compile(r"\S+")
 
 _POLY = np.uint64(0x9E3779B97F4A7C15)       # odd multiplier of the polynomial n-gram hash
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-_EMPTY = 0                                   # the word hash of a token with no word left
-_WORD_CACHE_MAX = 2_000_000
+_EMPTY = 0                                   # the hash of the empty word (none)
+_WORD_CACHE_MAX = 500_000                    # about 50 MB of words per worker process
 
 
-def normalize_word(token: str) -> str:
-    """One token's word: lower case, numbers -> "0", no combining marks (empty: not a word). Idempotent, so
-    it also takes ``bulk_words``' words."""
-    word = _NUMBER_RE.sub(NUMBER_WORD, token.lower())
-    if not word.isascii():
-        word = "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
-    return word
+def _as_array(texts: Any) -> pa.Array:
+    if isinstance(texts, pa.ChunkedArray):
+        return texts.combine_chunks()
+    return texts if isinstance(texts, pa.Array) else pa.array(list(texts), pa.large_string())
+
+
+def normalize(texts: Any) -> pa.Array:
+    """datatrove's ``simplify_text`` on every text at once, in Arrow kernels, in its order: lower case, numbers
+    -> "0", punctuation -> space, NFD, combining marks removed (the whitespace is where words split)."""
+    a = pc.utf8_lower(_as_array(texts))
+    a = pc.replace_substring_regex(a, _RE2_NUMBER, NUMBER_WORD)
+    a = pc.replace_substring_regex(a, _RE2_PUNCT, " ")
+    if pc.all(pc.string_is_ascii(a)).as_py() is not False:   # nothing to decompose (or no text at all)
+        return a
+    return pc.replace_substring_regex(pc.utf8_normalize(a, form="NFD"), r"\p{Mn}", "")
+
+
+def word_lists(texts: Any) -> list[list[str]]:
+    """Each text's words (the index's items, tests)."""
+    return [[w for w in ws if w] for ws in pc.utf8_split_whitespace(normalize(texts)).to_pylist()]
 
 
 def bulk_words(text: str) -> list[str]:
-    """The words of a text, without offsets, in C-speed steps over the whole text (datatrove's order: lower
-    case, numbers, punctuation to spaces, split); combining marks are removed by ``normalize_word`` when the
-    words are hashed."""
-    return _NUMBER_RE.sub(NUMBER_WORD, text.lower()).translate(_PUNCT_TABLE).split()
+    return word_lists([text])[0]
 
 
 def tokens(text: str) -> tuple[list[str], np.ndarray]:
@@ -117,31 +134,53 @@ def tokens(text: str) -> tuple[list[str], np.ndarray]:
     return [m.group() for m in found], np.array([m.span() for m in found], dtype=np.int64).reshape(-1, 2)
 
 
+def token_words(raw: list[str]) -> list[str]:
+    """Each raw token's word ("" where none is left)."""
+    return normalize(pa.array(raw, pa.large_string())).to_pylist() if raw else []
+
+
 def words(text: str) -> list[str]:
-    """The normalised words of a text, token by token (what the spans refer to)."""
-    return [w for w in map(normalize_word, tokens(text)[0]) if w]
+    """The words of a text token by token, the ones the spans refer to (equal to ``bulk_words``)."""
+    return [w for w in token_words(tokens(text)[0]) if w]
 
 
 class _WordHashes(dict):
-    """token or word -> its word's xxh3-64 (``_EMPTY`` when none); a per-process cache, cleared when large."""
+    """word -> its xxh3-64 (``_EMPTY`` for ""); a per-process cache, cleared when large."""
 
-    def __missing__(self, token: str) -> int:
+    def __missing__(self, word: str) -> int:
         import xxhash
 
-        word = normalize_word(token)
         value = (xxhash.xxh3_64_intdigest(word) or 1) if word else _EMPTY
         if len(self) >= _WORD_CACHE_MAX:
             self.clear()
-        self[token] = value
+        self[word] = value
         return value
 
 
 _WORD_HASHES = _WordHashes()
 
 
-def token_hashes(tokens: list[str]) -> np.ndarray:
-    """uint64 word hashes of raw tokens (or words), ``_EMPTY`` where a token has no word."""
-    return np.fromiter(map(_WORD_HASHES.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
+def token_hashes(word_list: list[str]) -> np.ndarray:
+    """uint64 hashes of words, ``_EMPTY`` for ""."""
+    return np.fromiter(map(_WORD_HASHES.__getitem__, word_list), dtype=np.uint64, count=len(word_list))
+
+
+def batch_word_hashes(texts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The hashes of all words of a batch of texts, concatenated, and each text's offsets into them (len + 1):
+    one pass of Arrow kernels over the batch; words hashed once per distinct word (``dictionary_encode``)."""
+    lists = pc.utf8_split_whitespace(normalize(texts))
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+    flat = pc.list_flatten(lists)
+    if not len(flat):
+        return np.empty(0, dtype=np.uint64), offsets
+    encoded = pc.dictionary_encode(flat)
+    hashes = token_hashes(encoded.dictionary.to_pylist())[encoded.indices.to_numpy(zero_copy_only=False)]
+    keep = hashes != _EMPTY   # "" where a text starts or ends with whitespace
+    if not keep.all():
+        offsets = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))[offsets]
+        hashes = hashes[keep]
+    return hashes, offsets
 
 
 def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
@@ -162,14 +201,15 @@ def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
-def _present(hashes: np.ndarray) -> np.ndarray:
-    return hashes[hashes != _EMPTY]
-
-
-def text_ngram_hashes(text: str, n: int) -> np.ndarray:
-    """Every n-gram hash of a text (the bulk words)."""
-    hashes = token_hashes(bulk_words(text))
-    return ngram_hashes(hashes[hashes != _EMPTY], n)
+def batch_ngram_hashes(word_hashes: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n-gram hashes of a batch (no n-gram across two texts) and the text of each."""
+    grams = ngram_hashes(word_hashes, n)
+    if not len(grams):
+        return grams, np.empty(0, dtype=np.int64)
+    starts = np.arange(len(grams))
+    text = np.searchsorted(offsets, starts, side="right") - 1
+    valid = starts + n <= offsets[text + 1]
+    return grams[valid], text[valid]
 
 
 def informative(word_list: list[str], n: int) -> np.ndarray:
@@ -315,29 +355,38 @@ class EvalIndex:
         np.minimum(pos, len(self.union) - 1, out=pos)
         return maybe[self.union[pos] == grams[maybe]]
 
-    def _any_hit(self, grams: np.ndarray) -> bool:
-        return bool(len(self._hits(grams)))
+    def match_batch(self, texts: Any) -> list[dict[str, BenchmarkMatch]]:
+        """``match`` for every text of a batch (a list or an Arrow string array): the batch's n-grams are looked
+        up at once; only the texts with a hit are looked at one by one."""
+        texts = _as_array(texts)
+        out: list[dict[str, BenchmarkMatch]] = [{} for _ in range(len(texts))]
+        if not len(self.union) or not len(texts):
+            return out
+        grams, owner = batch_ngram_hashes(*batch_word_hashes(texts), self.ngram)
+        for k in np.unique(owner[self._hits(grams)]).tolist():
+            out[k] = self._details(texts[k].as_py())
+        return out
 
     def match(self, text: str) -> dict[str, BenchmarkMatch]:
         """Per benchmark with at least one matched n-gram: n-grams, items, spans. Empty for a clean text."""
+        return self.match_batch([text])[0]
+
+    def _details(self, text: str) -> dict[str, BenchmarkMatch]:
+        """A text with a hit, again token by token with the tokens' offsets; what they match is the answer."""
         n = self.ngram
-        if not self._any_hit(ngram_hashes(_present(token_hashes(bulk_words(text))), n)):
-            return {}
-        # A hit: the same words again, token by token with their offsets; what they match is the answer.
         raw, bounds = tokens(text)
-        hashes = token_hashes(raw)
+        hashes = token_hashes(token_words(raw))
         present = hashes != _EMPTY
         grams = ngram_hashes(hashes[present], n)
         bounds = bounds[present]
         hit = self._hits(grams)
-        if not len(hit):
-            return {}
         out = {}
         for name, bench in self.benchmarks.items():
+            if not len(hit) or not len(bench.unique):
+                continue
             candidates = grams[hit]
-            where = np.searchsorted(bench.unique, candidates)
-            np.minimum(where, max(len(bench.unique) - 1, 0), out=where)
-            mine = bench.unique[where] == candidates if len(bench.unique) else np.zeros(len(hit), bool)
+            where = np.minimum(np.searchsorted(bench.unique, candidates), len(bench.unique) - 1)
+            mine = bench.unique[where] == candidates
             if not mine.any():
                 continue
             positions = hit[mine]
@@ -354,8 +403,7 @@ class EvalIndex:
 
 def _build_benchmark(name: str, items: list[tuple[str, str]], n: int) -> BenchmarkIndex:
     chunks, owners, short, uninformative, dropped = [], [], 0, 0, 0
-    for k, (_, text) in enumerate(items):
-        item_words = [w for w in map(normalize_word, bulk_words(text)) if w]
+    for k, item_words in enumerate(word_lists([text for _, text in items])):
         if len(item_words) < n:
             short += 1
             continue
@@ -435,9 +483,11 @@ class Decision:
         return self.reason is not None
 
 
-def decide(index: EvalIndex, cfg: DecontaminationConfig, text: str) -> Decision:
-    """Match one text and apply the configured mode; ``matches`` is empty for a clean text."""
-    matches = index.match(text)
+def decide(index: EvalIndex, cfg: DecontaminationConfig, text: str,
+           matches: dict[str, BenchmarkMatch] | None = None) -> Decision:
+    """Apply the configured mode to a text and its matches (``index.match(text)`` unless given); ``matches``
+    is empty for a clean text."""
+    matches = index.match(text) if matches is None else matches
     if not matches:
         return Decision(matches)
     reason = REASON_PREFIX + top_benchmark(matches)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
@@ -38,7 +39,7 @@ from pipeline.stages.base import MapStage
 
 STAGE = "decontaminate"
 TALLY_GROUP = "contamination"
-READ_BATCH = 256
+READ_BATCH = 128     # documents matched as one batch (Arrow kernels over their texts)
 COUNTERS = ("documents", "ngrams", "dropped", "spans_removed")
 FIRST_ITEMS = 10     # item ids listed per benchmark in the summary
 
@@ -68,6 +69,7 @@ class DecontaminateStage(MapStage):
                 cols = {name: batch.column(name).to_pylist() for name in DOC_SCHEMA.names}
                 keep = np.ones(batch.num_rows, dtype=bool)
                 edited = False
+                found = self._match_batch(batch)
                 for i, (doc_id, src, kind, text) in enumerate(zip(cols["id"], cols["source"], cols["source_kind"],
                                                                    cols["text"])):
                     nbytes = len(text.encode("utf-8", "surrogatepass"))
@@ -76,7 +78,7 @@ class DecontaminateStage(MapStage):
                         ledger.kept(STAGE, src, kind, 1, nbytes)
                         continue
                     try:
-                        decision = decide(self.index, self.cfg, text)
+                        decision = decide(self.index, self.cfg, text, found.get(i))
                     except Exception as exc:  # noqa: BLE001 - one poison document, not the unit
                         keep[i] = False
                         ledger.poison(STAGE, src, kind, f"decontaminate:{type(exc).__name__}", nbytes, doc_id=doc_id,
@@ -116,6 +118,17 @@ class DecontaminateStage(MapStage):
         return {"ledger": ledger.to_json(), "documents": kept_total, "contamination": counts,
                 "items_hit": {name: sorted(ids, key=order[name].__getitem__) if ids else []
                               for name, ids in hit_items.items()}}
+
+    def _match_batch(self, batch: pa.RecordBatch) -> dict[int, dict]:
+        """Row -> its matches, for the rows of the configured kinds, looked up as one batch; {} when the batch
+        cannot be (each document is then matched alone, so that only a poison one is lost)."""
+        rows = np.flatnonzero(pc.is_in(batch.column("source_kind"), value_set=pa.array(sorted(self.kinds)))
+                              .to_numpy(zero_copy_only=False))
+        try:
+            matches = self.index.match_batch(batch.column("text").take(pa.array(rows)))
+        except Exception:  # noqa: BLE001 - one document Arrow cannot take must not fail the batch
+            return {}
+        return dict(zip(rows.tolist(), matches))
 
     @staticmethod
     def _book_matches(ledger: Ledger, src: str, decision: Decision, counts: dict[str, dict[str, int]],
