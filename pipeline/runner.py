@@ -54,7 +54,7 @@ from pipeline.stages.tokenize import TokenizeStage
 from pipeline.tokenizer import TokenizerInfo, prepare_tokenizer, train_sample
 
 log = logging.getLogger("pipeline")
-STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "url_dedup", "dedup", "line_dedup", "tokenize"]
+STAGE_ORDER = [READ_STAGE, "crawl_filter", "quality", "url_dedup", "dedup", "line_dedup", "decontaminate", "tokenize"]
 TOKENIZER_TRAIN_CPUS = 8   # BPE training's threads at most
 
 
@@ -409,6 +409,7 @@ class PipelineRun:
             from pipeline.stages.url_dedup import check_url_index
 
             check_url_index(self.config.url_dedup, self.run_dir)         # an unusable index: refused here
+        self.eval_index = self._eval_index()                             # a bad evaluation file: refused here
         self.model_digests = self._check_quality_models()
         self.units = plan_units(self.config)
         self.resumed: dict[str, int] = {}
@@ -437,6 +438,9 @@ class PipelineRun:
                 last, line_results, line_summary = self._line_dedup(last)
                 if self.until == "line_dedup":
                     return self._stopped(started)
+                last, decont_results, decont_summary = self._decontaminate(last)
+                if self.until == "decontaminate":
+                    return self._stopped(started)
                 tok_cfg = self.config.tokenize
                 tokenizer = prepare_tokenizer(
                     self.run_dir, tok_cfg.tokenizer, tok_cfg.eos_token, tok_cfg.train.vocab_size,
@@ -446,10 +450,10 @@ class PipelineRun:
                 tokenize = TokenizeStage(last, tokenizer, tok_cfg.shard_target_mb, tok_cfg.batch_size, score_key)
                 tok_results, shards = self._tokenize(tokenize, tokenizer)
                 report = self._publish([crawl_results, quality_results, url_results, dedup_results, line_results,
-                                        tok_results],
+                                        decont_results, tok_results],
                                        tokenizer, time.perf_counter() - started, dedup_summary, quality_done, shards,
                                        [tokenize.output_path(self.run_dir, u) for u in self.units],
-                                       summaries={"line_dedup": line_summary})
+                                       summaries={"line_dedup": line_summary, "decontamination": decont_summary})
             finally:
                 log.removeHandler(handler)
                 handler.close()
@@ -553,6 +557,29 @@ class PipelineRun:
         self.wall_seconds["line_dedup_reduce"] = round(time.perf_counter() - started, 3)
         apply = LineDedupApplyStage(cfg, previous, self.config.audit)
         return apply, self.map_stage(apply), summary
+
+    def _eval_index(self):
+        """The evaluation sets' n-gram index, built once on the driver (small: it travels inside the stage)."""
+        cfg = self.config.decontamination
+        if not cfg.benchmarks:
+            return None
+        from pipeline.decontaminate import EvalIndex
+
+        try:
+            return EvalIndex.build(cfg)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"decontamination.benchmarks: {exc}") from None
+
+    def _decontaminate(self, previous: MapStage) -> tuple[MapStage, dict, dict | None]:
+        """n-gram overlap with the evaluation sets (map); or nothing when no benchmark is configured."""
+        if self.eval_index is None:
+            return previous, {}, None
+        from pipeline.stages.decontaminate import DecontaminateStage, decontamination_summary
+
+        cfg = self.config.decontamination
+        stage = DecontaminateStage(cfg, self.config.audit, previous, self.eval_index)
+        results = self.map_stage(stage)
+        return stage, results, decontamination_summary(cfg, self.eval_index, results.values())
 
     # ----------------------------------------------------------------- tokenize
     def _train_tokenizer(self, *args: Any) -> str:
