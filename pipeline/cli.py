@@ -228,6 +228,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return status
 
 
+_PROVENANCE = frozenset({"url", "locator", "charset", "charset_method", "crawl_date", "warc_record_id",
+                         "content_type", "http_status", "unicode_repaired"})
+
+
 def _show_dropped(run_dir: Path, reason: str, stage: str | None, count: int, max_chars: int) -> int:
     """Sampled dropped documents (``pipeline.audit``): the lowest-ranked first, a uniform sample of the reason."""
     import json
@@ -252,8 +256,12 @@ def _show_dropped(run_dir: Path, reason: str, stage: str | None, count: int, max
         where = meta.get("url") or meta.get("locator") or ""
         text = row["text"]
         snippet = text[:max_chars] + ("..." if len(text) > max_chars or row["chars"] > len(text) else "")
+        why = {k: v for k, v in meta.items() if k not in _PROVENANCE}
         print(f"\n--- {row['id']} [{row['stage']}: {row['reason']}] {row['source']} {where} "
-              f"({row['chars']:,} chars) ---\n{snippet if text else '(dropped before text was extracted)'}")
+              f"({row['chars']:,} chars) ---")
+        if why:   # what the stage knew: scores, the kept duplicate, the benchmark items matched...
+            print(f"metadata: {json.dumps(why, ensure_ascii=False, sort_keys=True)[:400]}")
+        print(snippet if text else "(dropped before text was extracted)")
         shown += 1
         if shown >= count:
             break

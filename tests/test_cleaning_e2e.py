@@ -43,9 +43,9 @@ def _warc(path: Path, records: list[tuple[str, str, bytes]]) -> None:
 
 
 def _plant(html: bytes, paragraph: str) -> bytes:
-    """A paragraph added to the page's main content (before its body ends)."""
+    """A paragraph added to the page's main content."""
     text = html.decode("utf-8")
-    cut = text.rfind('<div class="footer">') if '<div class="footer">' in text else text.rfind("</body>")
+    cut = text.index("</h1>") + len("</h1>")          # right under the page's title: main content
     return (text[:cut] + f"<p>{paragraph}</p>" + text[cut:]).encode("utf-8")
 
 
@@ -66,15 +66,16 @@ def inputs(python_docs_html, corpus, tmp_path_factory):
     except FetchError as exc:
         real_data_unavailable(str(exc))
     root = tmp_path_factory.mktemp("cleaning")
-    pages = sorted(p for p in python_docs_html.rglob("*.html") if (p.stat().st_size > 20_000)
-                   and "genindex" not in p.name)[:PAGES]
+    # prose pages (the tutorial, HOWTOs, FAQ), the ones the web filters keep most of
+    pages = sorted(p for sub in ("tutorial", "howto", "faq") for p in (python_docs_html / sub).glob("*.html")
+                   if p.stat().st_size > 20_000)[:PAGES]
     old, new = [], []
     for i, page in enumerate(pages):
         url = f"https://docs.python.org/3.11/{page.relative_to(python_docs_html)}"
         html = page.read_bytes()
         if i == 0:
             html = _plant(html, f"Questions about this page go to {EMAIL}; the mirror answers from {PUBLIC_IP}.")
-        if i == 1:
+        if i == len(pages) - 1:   # a tutorial page (one the other filters keep)
             html = _plant(html, f"This page was vandalised with the word {bad} in the middle of a sentence.")
         old.append((url, "2023-03-01T00:00:00Z", html))
         if 2 <= i < 2 + RECRAWLED:   # re-crawled a year later, with one paragraph more
@@ -89,28 +90,33 @@ def inputs(python_docs_html, corpus, tmp_path_factory):
         '"""Deployment settings of the upload service."""\n\nimport os\n\n'
         f'AWS_ACCESS_KEY_ID = "{FAKE_AWS}"\nREGION = os.environ.get("REGION", "eu-west-1")\n\n\n'
         "def bucket_for(name):\n    return f\"uploads-{name}-{REGION}\"\n")
-    (code / "spdx_tagged.py").write_text(
-        "# SPDX-License-Identifier: Apache-2.0\n" + (corpus.root / "code" / "cpython-stdlib" / "heapq.py").read_text())
+    tagged = code / "cpython-stdlib" / "shlex.py"
+    tagged.write_text("# SPDX-License-Identifier: Apache-2.0\n" + tagged.read_text())
 
     books = root / "books"
     books.mkdir()
     humaneval = [json.loads(line) for line in evals["humaneval"].read_text().splitlines()][:2]
     mmlu = json.loads(evals["mmlu_dev"].read_text().splitlines()[7])
-    source = sorted(p for p in (corpus.root / "books").iterdir() if p.suffix == ".txt")[0].read_text()
-    paragraphs = source.split("\n\n")
-    half = len(paragraphs) // 2
-    planted = "\n\n".join(paragraphs[:half] + [humaneval[0]["prompt"] + humaneval[0]["canonical_solution"]]
-                          + paragraphs[half:])
-    (books / "planted-humaneval.txt").write_text(planted)
-    (books / "planted-mmlu.txt").write_text("\n\n".join(paragraphs[:half] + [mmlu["question"]] + paragraphs[half:]))
-    (books / "clean.txt").write_text("\n\n".join(paragraphs[half:]))
+    novels = sorted(p for p in (corpus.root / "books").iterdir() if p.suffix == ".txt")[:2]   # two Austen novels
+    for novel, item in zip(novels, [humaneval[0]["prompt"] + humaneval[0]["canonical_solution"], mmlu["question"]]):
+        paragraphs = novel.read_text().split("\n\n")
+        half = len(paragraphs) // 2
+        (books / f"planted-{novel.name}").write_text("\n\n".join(paragraphs[:half] + [item] + paragraphs[half:]))
+    for other in (corpus.root / "books").iterdir():
+        if other.suffix == ".gz":                     # The Devil's Dictionary: clean
+            shutil.copy(other, books / other.name)
 
     config = {
         "run": {"unit_target_mb": 0.2, "num_cpus": 2},
         "sources": [{"name": "web", "kind": "web", "paths": [str(root / "web")]},
                     {"name": "stdlib", "kind": "code", "paths": [str(code)]},
                     {"name": "books", "kind": "book", "paths": [str(books)]}],
-        "crawl_filter": {"web": {"gopher_quality": {"params": {"max_non_alpha_words_ratio": 0.5}}},
+        # Python's docs hold code: relax the word-shape and bracket rules so most pages reach the new steps.
+        # The pages' site chrome is kept (main_content: false), so that line dedup has real footers to remove.
+        "crawl_filter": {"web": {"extraction": {"resiliparse": {"main_content": False}},
+                                 "gopher_quality": {"params": {"max_non_alpha_words_ratio": 0.5}},
+                                 "c4": {"params": {"filter_no_terminal_punct": False, "filter_curly_bracket": False}},
+                                 "fineweb": {"params": {"char_duplicates_ratio": 0.5}}},
                          "pii": {"phones": True}},
         "decontamination": {"benchmarks": {
             "humaneval": {"paths": [str(evals["humaneval"])], "fields": ["prompt", "canonical_solution"]},
@@ -134,7 +140,7 @@ def run(inputs):
 
 def _texts(run_dir: Path, stage: str) -> dict[str, dict]:
     rows = {}
-    for path in sorted((run_dir / "stages" / stage).glob("*.parquet")):
+    for path in sorted(p for p in (run_dir / "stages" / stage).glob("*.parquet") if p.is_file()):
         for r in pq.read_table(path, columns=["id", "source", "text", "metadata"]).to_pylist():
             rows[r["id"]] = {**r, "metadata": json.loads(r["metadata"])}
     return rows
@@ -172,7 +178,8 @@ def test_pii_is_redacted_in_the_shards_and_counted(run):
 def test_bad_words_secrets_and_licences(run):
     run_dir, _, stats, planted = run
     web = stats["stages"]["crawl_filter"]["web"]["dropped"]
-    assert web.get("badwords:document_removed_with_badwords") == 1
+    assert web.get("badwords:document_removed_with_badwords", 0) >= 1      # the planted one (real pages have some)
+    assert not any(planted["bad"] in r["text"] for r in _texts(run_dir, "crawl_filter").values())
     code = _texts(run_dir, "crawl_filter")
     settings = next(r for r in code.values() if "Deployment settings of the upload service" in r["text"])
     assert FAKE_AWS not in settings["text"] and "<SECRET>" in settings["text"]      # redacted (the default)
@@ -183,7 +190,10 @@ def test_bad_words_secrets_and_licences(run):
 def test_boilerplate_lines_removed_from_every_page(run):
     run_dir, _, stats, _ = run
     before, after = _texts(run_dir, "dedup"), _texts(run_dir, "line_dedup")
-    footer = "Found a bug?"
+    footers = {line for r in before.values() for line in r["text"].split("\n")
+               if line.startswith("©") and "Python Software Foundation" in line}
+    assert len(footers) == 1                           # Sphinx's copyright footer, on every page
+    footer = footers.pop()
     had = [i for i, r in before.items() if r["source"] == "web" and footer in r["text"]]
     assert len(had) >= 3
     assert all(footer not in after[i]["text"] for i in had if i in after)
@@ -199,7 +209,9 @@ def test_contaminated_books_are_dropped_and_reported(run):
     assert "contaminated:humaneval" in output
     proc = run_cli("inspect", str(run_dir), "--dropped", "contaminated:", "--decode", "5", "--max-chars", "10000000")
     assert proc.returncode == 0, proc.stderr
-    assert "def has_close_elements" in proc.stdout and "[decontaminate: contaminated:humaneval]" in proc.stdout
+    # the sample keeps the book's first 20,000 characters; what matched is in its metadata
+    assert "[decontaminate: contaminated:humaneval]" in proc.stdout and planted["humaneval_id"] in proc.stdout
+    assert "[decontaminate: contaminated:mmlu_dev]" in proc.stdout and planted["mmlu_id"] in proc.stdout
 
 
 def test_audit_trail_lists_reasons_and_domains(run):
@@ -208,7 +220,8 @@ def test_audit_trail_lists_reasons_and_domains(run):
     assert proc.returncode == 0
     for reason in ("url_duplicate", "badwords:document_removed_with_badwords", "contaminated:mmlu_dev"):
         assert reason in proc.stdout
-    proc = run_cli("inspect", str(run_dir), "--dropped", "badwords:document_removed_with_badwords")
+    proc = run_cli("inspect", str(run_dir), "--dropped", "badwords:document_removed_with_badwords", "--decode", "10",
+                   "--max-chars", "1000000")
     assert planted["bad"] in proc.stdout and "https://docs.python.org/3.11/" in proc.stdout
     domains = stats["domains"]["web"]
     assert domains["distinct_domains"] == 1
