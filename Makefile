@@ -31,6 +31,7 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m pipeline fetch-demo --scale $(DEMO_SCALE)
+	$(PY) -m pipeline fetch-evals
 	@echo "== training the fastText quality classifier (reference prose vs boilerplate) =="
 	JAMBA_DEMO_DATA=$${JAMBA_DEMO_DATA:-$$HOME/.cache/jamba-pretrain/demo/$(DEMO_SCALE)} \
 	  $(PY) -m pipeline quality train --config configs/quality/demo.yaml --output $(DEMO_QUALITY)

@@ -19,7 +19,11 @@ def minimal(tmp_path: Path, **overrides) -> dict:
 
 def test_shipped_configs_validate(monkeypatch, tmp_path):
     monkeypatch.setenv("JAMBA_DEMO_DATA", str(tmp_path))
+    monkeypatch.setenv("JAMBA_EVAL_DATA", str(tmp_path))
+    for name in ("humaneval", "mmlu_dev", "gsm8k_fewshot"):      # the paths must exist (fetch-evals makes them)
+        (tmp_path / f"{name}.jsonl").write_text("")
     demo = load_config(ROOT / "configs/pipeline/demo.yaml")
+    assert set(demo.decontamination.benchmarks) == {"humaneval", "mmlu_dev", "gsm8k_fewshot"}
     assert {s.kind for s in demo.sources} == {"web", "book", "code"}
     assert all(s.paths[0].startswith(str(tmp_path)) for s in demo.sources)
     prod = load_config(ROOT / "configs/pipeline/web-books-code.yaml")
