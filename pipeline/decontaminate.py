@@ -90,8 +90,12 @@ _PUNCT = _punctuation()
 _SEPS = re.escape(_DECIMAL_SEPARATORS)
 # Tokens with offsets (Python's re): a decimal number whole, else neither whitespace nor punctuation.
 TOKEN_RE = re.compile(rf"(?:\d+[{_SEPS}]\d+|[^\s{''.join(map(re.escape, _PUNCT))}])+")
-# The same normalisation for Arrow's RE2, on whole texts
-_RE2_PUNCT = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in _PUNCT) + "]"
+# The same normalisation for Arrow's RE2, on whole texts. Punctuation and whitespace (Python's, as
+# ``str.split`` and datatrove's ``\s`` have it; all below U+3001) become one space, and words are split on
+# that space: pyarrow 26's ``utf8_split_whitespace`` sometimes keeps a trailing space in the last word of
+# its buffer, so it is not used.
+_SEPARATORS = sorted({ord(c) for c in _PUNCT} | {c for c in range(0x3001) if chr(c).isspace()})
+_RE2_SEPARATORS = "[" + "".join(f"\\x{{{c:x}}}" for c in _SEPARATORS) + "]+"
 _RE2_NUMBER = r"\p{Nd}+(?:[" + "".join(f"\\x{{{ord(c):x}}}" for c in _DECIMAL_SEPARATORS) + r"]\p{Nd}+)?"
 _SPACE_RE = re.compile(r"\S+")
 
@@ -110,18 +114,23 @@ def _as_array(texts: Any) -> pa.Array:
 
 def normalize(texts: Any) -> pa.Array:
     """datatrove's ``simplify_text`` on every text at once, in Arrow kernels, in its order: lower case, numbers
-    -> "0", punctuation -> space, NFD, combining marks removed (the whitespace is where words split)."""
+    -> "0", punctuation and whitespace -> one space, NFD, combining marks removed."""
     a = pc.utf8_lower(_as_array(texts))
     a = pc.replace_substring_regex(a, _RE2_NUMBER, NUMBER_WORD)
-    a = pc.replace_substring_regex(a, _RE2_PUNCT, " ")
+    a = pc.replace_substring_regex(a, _RE2_SEPARATORS, " ")
     if pc.all(pc.string_is_ascii(a)).as_py() is not False:   # nothing to decompose (or no text at all)
         return a
     return pc.replace_substring_regex(pc.utf8_normalize(a, form="NFD"), r"\p{Mn}", "")
 
 
+def _split(norm: pa.Array) -> pa.Array:
+    """Lists of words ("" at the ends, or where only combining marks were) of normalised texts."""
+    return pc.split_pattern(norm, " ")
+
+
 def word_lists(texts: Any) -> list[list[str]]:
     """Each text's words (the index's items, tests)."""
-    return [[w for w in ws if w] for ws in pc.utf8_split_whitespace(normalize(texts)).to_pylist()]
+    return [[w for w in ws if w] for ws in _split(normalize(texts)).to_pylist()]
 
 
 def bulk_words(text: str) -> list[str]:
@@ -168,7 +177,7 @@ def token_hashes(word_list: list[str]) -> np.ndarray:
 def batch_word_hashes(texts: Any) -> tuple[np.ndarray, np.ndarray]:
     """The hashes of all words of a batch of texts, concatenated, and each text's offsets into them (len + 1):
     one pass of Arrow kernels over the batch; words hashed once per distinct word (``dictionary_encode``)."""
-    lists = pc.utf8_split_whitespace(normalize(texts))
+    lists = _split(normalize(texts))
     lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
     offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
     flat = pc.list_flatten(lists)
@@ -176,7 +185,7 @@ def batch_word_hashes(texts: Any) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, dtype=np.uint64), offsets
     encoded = pc.dictionary_encode(flat)
     hashes = token_hashes(encoded.dictionary.to_pylist())[encoded.indices.to_numpy(zero_copy_only=False)]
-    keep = hashes != _EMPTY   # "" where a text starts or ends with whitespace
+    keep = hashes != _EMPTY   # "" where a text starts or ends with a separator
     if not keep.all():
         offsets = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))[offsets]
         hashes = hashes[keep]

@@ -23,6 +23,7 @@ from pipeline.decontaminate import (
     cut_spans,
     decide,
     top_benchmark,
+    word_lists,
     words,
 )
 from pipeline.document import make_document, read_documents, write_documents
@@ -199,12 +200,14 @@ def test_words_are_datatrove_normalised_words(real_texts, items):
     token (with offsets) as well as in bulk."""
     from datatrove.utils.text import simplify_text
 
-    samples = real_texts["book"][:5] + real_texts["code"][:5] + real_texts["web"][:10]
+    samples = real_texts["book"] + real_texts["code"] + real_texts["web"]
     samples += [("he", humaneval_text(items, "HumanEval/0")), ("mmlu", mmlu_text(items, "mmlu/formal_logic/0"))]
-    for locator, text in samples:
-        reference = simplify_text(text).split()
+    references = [simplify_text(text).split() for _, text in samples]
+    for (locator, text), reference in zip(samples, references):
+        assert bulk_words(text) == reference, locator      # alone: the text ends Arrow's buffer
+    for (locator, text), reference in list(zip(samples, references))[::7]:
         assert words(text) == reference, locator
-        assert bulk_words(text) == reference, locator
+    assert word_lists([text for _, text in samples]) == references
     assert words("Caf\u00e9's 3.14, 1,234,567 don't V1.2.3 e\u0301 \u0301") == \
         ["cafe", "s", "0", "0", "0", "don", "t", "v0", "0", "e"]
 
