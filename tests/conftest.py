@@ -153,3 +153,21 @@ def clean_run(config_path, tmp_path_factory):
     proc = run_cli("run", str(config_path), "--output", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
+
+
+def write_warc(path: Path, records: list[tuple[str, str, bytes]]) -> None:
+    """A gzipped WARC of HTTP 200 HTML responses (url, WARC-Date, body), written with warcio: real pages
+    under the URLs and crawl dates a test needs."""
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        for url, date, html in records:
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                                  ("Content-Length", str(len(html)))], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(html),
+                                                          http_headers=headers,
+                                                          warc_headers_dict={"WARC-Date": date}))

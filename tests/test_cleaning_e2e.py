@@ -9,7 +9,6 @@ redactions visible in the shards, the chain of stages, ``inspect --dropped``.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -19,27 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import real_data_unavailable, run_cli
+from tests.conftest import real_data_unavailable, run_cli, write_warc
 
 PAGES = 24
 RECRAWLED = 4
 EMAIL = "jane.maintainer@cs.example-university.edu"
 PUBLIC_IP = "151.101.1.69"
 FAKE_AWS = "AKIAQYLPMN5HHHFPZAM2"   # a made-up key id in the AWS format (not a real credential)
-
-
-def _warc(path: Path, records: list[tuple[str, str, bytes]]) -> None:
-    from warcio.statusandheaders import StatusAndHeaders
-    from warcio.warcwriter import WARCWriter
-
-    with open(path, "wb") as fh:
-        writer = WARCWriter(fh, gzip=True)
-        for url, date, html in records:
-            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
-                                                  ("Content-Length", str(len(html)))], protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(html),
-                                                          http_headers=headers,
-                                                          warc_headers_dict={"WARC-Date": date}))
 
 
 def _plant(html: bytes, paragraph: str) -> bytes:
@@ -81,8 +66,8 @@ def inputs(python_docs_html, corpus, tmp_path_factory):
         if 2 <= i < 2 + RECRAWLED:   # re-crawled a year later, with one paragraph more
             new.append((url, "2024-03-01T00:00:00Z", _plant(html, "Updated for the 2024 crawl of this page.")))
     (root / "web").mkdir()
-    _warc(root / "web" / "crawl-2023.warc.gz", old)
-    _warc(root / "web" / "crawl-2024.warc.gz", new)
+    write_warc(root / "web" / "crawl-2023.warc.gz", old)
+    write_warc(root / "web" / "crawl-2024.warc.gz", new)
 
     code = root / "code"
     shutil.copytree(corpus.root / "code", code)

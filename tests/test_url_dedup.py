@@ -12,7 +12,6 @@ the module's normalisation."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import shutil
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_warc
 
 pytestmark = pytest.mark.realdata
 
@@ -40,20 +39,6 @@ def _variant(i: int, rel: str) -> str:
             2: f"https://{host_path}", 3: f"http://www.{host_path}", 4: f"http://{host_path[:-5]}%2Ehtml",
             5: f"http://docs.example.org/3.11/./{rel}", 6: f"https://docs.example.org:443/3.11/{rel}"
             }.get(i, BASE + rel)
-
-
-def _warc(path: Path, records: list[tuple[str, str, bytes]]) -> None:
-    from warcio.statusandheaders import StatusAndHeaders
-    from warcio.warcwriter import WARCWriter
-
-    with open(path, "wb") as fh:
-        writer = WARCWriter(fh, gzip=True)
-        for url, date, html in records:
-            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
-                                                  ("Content-Length", str(len(html)))], protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(html),
-                                                          http_headers=headers,
-                                                          warc_headers_dict={"WARC-Date": date}))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +91,7 @@ def crawls(python_docs_html, tmp_path_factory):
     for source, recs in records.items():
         (root / source).mkdir()
         warcs[source] = root / source / f"{source}.warc.gz"
-        _warc(warcs[source], recs)
+        write_warc(warcs[source], recs)
     return warcs, identity
 
 
