@@ -355,7 +355,7 @@ def test_pipeline_runs_line_dedup_between_dedup_and_tokenize_and_resumes(python_
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest()            # resumed, not redone: the same bytes
             for p in sorted((run_dir / "stages/line_dedup").rglob("*")) if p.is_file()} == digests
     assert stats["invariant_ok"], stats["violations"]
-    assert list(stats["stages"]) == ["read", "crawl_filter", "dedup", "line_dedup", "tokenize"]
+    assert list(stats["stages"]) == ["read", "crawl_filter", "url_dedup", "dedup", "line_dedup", "tokenize"]
     entry = stats["stages"]["line_dedup"]["pydocs"]
     assert entry["line_dedup"]["lines_removed"] > 20 * entry["in"] and stats["line_dedup"]["frequent_lines"] > 20
     assert stats["stages"]["tokenize"]["pydocs"]["in"] == entry["kept"]
