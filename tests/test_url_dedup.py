@@ -188,7 +188,7 @@ def test_recrawls_collapse_to_the_newest_url_variants_too(crawls, pipeline_run):
 
     stats = json.loads((run / "stats.json").read_text())
     assert stats["invariant_ok"], stats["violations"]
-    assert list(stats["stages"]) == ["read", "crawl_filter", "url_dedup", "dedup", "tokenize"]
+    assert list(stats["stages"]) == ["read", "crawl_filter", "url_dedup", "dedup", "line_dedup", "tokenize"]
     stage = stats["stages"]["url_dedup"]
     assert {s: (e["in"], e["kept"], e["dropped"]) for s, e in stage.items()} == {
         "crawl-2022": (6, 0, {"url_duplicate": 6}), "crawl-2023": (20, 9, {"url_duplicate": 11}),
