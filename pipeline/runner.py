@@ -519,7 +519,7 @@ class PipelineRun:
         cfg = self.config.url_dedup
         if not cfg.enabled:
             return previous_stage, {}, None
-        unit_index = {u.id: i for i, u in enumerate(sorted(self.units, key=lambda u: u.id))}
+        unit_index = self._unit_index()
         keys = URLKeyStage(cfg, previous_stage, unit_index)
         keyed = self.map_stage(keys)
         write_key_params(self.run_dir, cfg, sum(r.get("with_url", 0) for r in keyed.values()))
@@ -529,12 +529,16 @@ class PipelineRun:
         apply = URLDedupApplyStage(cfg, previous_stage, unit_index, self.config.audit)
         return apply, self.map_stage(apply), summary
 
+    def _unit_index(self) -> dict[str, int]:
+        """Unit id -> its position in id order: how the global stages' locations name a unit."""
+        return {u.id: i for i, u in enumerate(sorted(self.units, key=lambda u: u.id))}
+
     def _dedup(self, crawl: MapStage) -> tuple[MapStage, dict, dict | None]:
         """Signatures (map), the duplicate graph (global), removal (map); or nothing when disabled."""
         cfg = self.config.dedup
         if not cfg.enabled:
             return crawl, {}, None
-        unit_index = {u.id: i for i, u in enumerate(sorted(self.units, key=lambda u: u.id))}
+        unit_index = self._unit_index()
         signatures = DedupSignatureStage(cfg, crawl, unit_index)
         signed = self.map_stage(signatures)
         write_json(signatures.stage_dir(self.run_dir) / "params.json", dedup_params(cfg))
