@@ -457,3 +457,50 @@ def test_fetch_evals_prints_a_config_that_validates(eval_sets):
     cfg = DecontaminationConfig.model_validate(snippet["decontamination"])
     assert set(cfg.benchmarks) == set(eval_sets)
     assert cfg.benchmarks["humaneval"].fields == ["prompt", "canonical_solution"]
+
+
+def test_a_poison_document_is_quarantined_and_a_failed_batch_is_matched_alone(eval_sets, index, items, real_texts,
+                                                                              tmp_path, monkeypatch):
+    """One document whose decision raises is errored and quarantined, not the unit; a batch the index cannot
+    match as one is matched document by document, so a planted item in it is still found and dropped."""
+    import pipeline.stages.decontaminate as stage_module
+
+    stage = DecontaminateStage(config(eval_sets), AUDIT, LineDedupOutput(), index=index)
+    poison = real_texts["book"][2][1] + "\n\nthe poison document"
+    planted = plant(real_texts["book"][4][1], humaneval_text(items, "HumanEval/2"))
+    clean = real_texts["book"][5:9]
+    docs = [("poison", poison), ("planted", planted), *clean]
+    real_decide = stage_module.decide
+
+    def decide_or_raise(index_, cfg, text, found=None):
+        if text.endswith("the poison document"):
+            raise UnicodeError("a document the matcher cannot read")
+        return real_decide(index_, cfg, text, found)
+
+    real_match_batch = EvalIndex.match_batch
+    batches: list[int] = []
+
+    def batch_fails(self, texts):
+        batches.append(len(texts))
+        if len(texts) > 1:
+            raise MemoryError("the batch's texts do not fit")
+        return real_match_batch(self, texts)
+
+    monkeypatch.setattr(stage_module, "decide", decide_or_raise)
+    monkeypatch.setattr(EvalIndex, "match_batch", batch_fails)
+    unit = write_unit(tmp_path, "books", "book", docs)
+    result = stage.run_unit(unit, tmp_path)
+
+    out = {doc.id: doc.text for doc in read_documents(stage.output_path(tmp_path, unit))}
+    assert out == {doc_id("books", loc): text for loc, text in clean}
+    stats = Ledger.from_json(result["ledger"]).stats([STAGE])
+    assert stats["invariant_ok"], stats["violations"]
+    entry = stats["stages"][STAGE]["books"]
+    assert entry["in"] == len(docs) and entry["kept"] == len(clean)
+    assert entry["errored"] == {"decontaminate:UnicodeError": 1}
+    assert entry["dropped"] == {"contaminated:humaneval": 1}
+    assert result["items_hit"]["humaneval"] == ["HumanEval/2"]
+    quarantined = [json.loads(line) for line in stage.quarantine_path(tmp_path, unit).read_text().splitlines()]
+    assert [(q["id"], q["locator"], q["stage"]) for q in quarantined] == [(doc_id("books", "poison"), "poison", STAGE)]
+    assert "a document the matcher cannot read" in quarantined[0]["error"]
+    assert batches[0] == len(docs) and batches[1:] == [1] * (len(docs) - 1)   # then one by one, the poison skipped

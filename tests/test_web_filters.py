@@ -1,5 +1,6 @@
-"""The web crawl filter on the whole web benchmark corpus (~2,650 real pages): the same keep/drop decision
-and the same text as datatrove's filter objects run unmodified in FineWeb's order; URL before extraction."""
+"""The web crawl filter on the web benchmark corpus (every other of its ~2,650 real pages, in every WARC, to
+keep the suite's time): the same keep/drop decision and the same text as datatrove's filter objects run
+unmodified in FineWeb's order; URL before extraction."""
 
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ def extracted(web_corpus) -> list[Document]:
     to_text = HtmlToText(ExtractSettings())
     docs = []
     for warc in web_corpus.warcs:
-        for page in reader.read(InputFile(str(warc), warc.name, warc.stat().st_size), Ledger()):
+        pages = reader.read(InputFile(str(warc), warc.name, warc.stat().st_size), Ledger())
+        for k, page in enumerate(pages):
+            if k % 2:
+                continue
             result = to_text(page.body, page.header_charset)
             if result.outcome == "kept":
                 docs.append(Document(text=result.text, id=page.id, metadata=dict(page.metadata)))
-    assert len(docs) >= 2000
+    assert len(docs) >= 1000
     return docs
 
 
@@ -85,8 +89,9 @@ def test_decisions_and_texts_equal_datatrove_in_fineweb_order(extracted, lid_mod
             reasons.add(reason.split(":")[0])
         if outcome == "kept":
             assert mine.metadata["language"] == theirs.metadata["language"] == "en"
+    print(f"{len(extracted)} pages, {kept} kept")
     assert mismatches == []
-    assert 200 < kept < len(extracted) - 1000  # the corpus exercises both outcomes ...
+    assert 100 < kept < len(extracted) - 500  # the corpus exercises both outcomes ...
     assert reasons >= {"language_id", "c4", "fineweb", "gopher_repetition", "gopher_quality"}  # ... and every step
     bounded = {s.name: s.run for s in ours}
     assert bounded["c4"].rechecks > 0  # the lower bound was inconclusive sometimes, and was re-checked
