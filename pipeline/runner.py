@@ -208,9 +208,22 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
             kwargs["runtime_env"]["py_modules"] = [str(Path(__file__).resolve().parent)]
         ray.init(address=address, **kwargs)
     else:
+        # The local Ray's processes inherit this process's environment: the workers get the variables that
+        # way, without a job runtime_env (whose set-up costs each run's first tasks about a second). They are
+        # set only while Ray starts: this driver keeps its own threads.
+        del kwargs["runtime_env"]
         dashboard = os.environ.get("JAMBA_RAY_DASHBOARD", "1") != "0"
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 **kwargs)
+        saved = {name: os.environ.get(name) for name in env_vars}
+        os.environ.update(env_vars)
+        try:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     **kwargs)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def shutdown_ray() -> None:

@@ -63,3 +63,23 @@ def test_the_actor_pool_grows_when_the_cluster_does(tmp_path, monkeypatch):
     assert len(results) == 48
     assert run.actors["slow_actor"] == 2
     assert len({r["pid"] for r in results.values()}) == 2       # the new actor took units too
+
+
+def test_local_workers_get_one_thread_each_and_the_driver_keeps_its_environment(monkeypatch):
+    """The embedded Ray's workers run with RAYON_NUM_THREADS=1 (one core per task: the tokenizers library's
+    threads would oversubscribe the node) inherited from the driver while Ray starts; the driver's own
+    environment is as it was (it trains no tokenizer in one thread)."""
+    import ray
+
+    monkeypatch.setenv("RAYON_NUM_THREADS", "7")
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    init_ray(None, 2)
+    try:
+        def worker_env() -> tuple[str | None, str | None]:
+            return os.environ.get("RAYON_NUM_THREADS"), os.environ.get("TOKENIZERS_PARALLELISM")
+
+        seen = set(ray.get([ray.remote(worker_env).remote() for _ in range(8)]))
+    finally:
+        shutdown_ray()
+    assert seen == {("1", "false")}
+    assert os.environ["RAYON_NUM_THREADS"] == "7" and "TOKENIZERS_PARALLELISM" not in os.environ
