@@ -213,17 +213,24 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         # set only while Ray starts: this driver keeps its own threads.
         del kwargs["runtime_env"]
         dashboard = os.environ.get("JAMBA_RAY_DASHBOARD", "1") != "0"
-        saved = {name: os.environ.get(name) for name in env_vars}
-        os.environ.update(env_vars)
-        try:
+        with _environment(env_vars):
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      **kwargs)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` set in this process's environment for the block, then put back as they were."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def shutdown_ray() -> None:
